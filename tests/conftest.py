@@ -1,0 +1,55 @@
+"""Shared test set-up: the Triton interpreter on CPU-only machines, opt-in slow tests, backends."""
+
+import os
+
+import torch
+
+# Triton decides at decoration time whether a kernel is interpreted, so this must be set before
+# anything imports fastdino.kernels. Without a GPU the "triton" backend then runs on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests choose backends themselves; a process-wide override would silently redirect them.
+os.environ.pop("FASTDINO_BACKEND", None)
+
+import pytest  # noqa: E402
+
+from fastdino.ops import backend_status  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+def pytest_sessionstart(session):
+    # CI must exercise the compiled backends: a broken build must fail, not skip quietly.
+    if os.environ.get("CI") == "true":
+        status = backend_status()
+        broken = {name: why for name, why in status.items() if name in ("cpp", "triton") and why != "available"}
+        if broken:
+            raise pytest.UsageError(f"CI=true but fused backends are unavailable: {broken}")
+
+
+def backend_params(*names):
+    """pytest params for backends, skipped (with the reason) where a backend cannot run."""
+    status = backend_status()
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(status[name] != "available", reason=status[name]))
+        for name in names
+    ]
+
+
+@pytest.fixture
+def generator(request):
+    """A generator with a fresh random seed per test, printed on failure to reproduce it."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed for {request.node.name}: {seed}")
+    return torch.Generator().manual_seed(seed)
