@@ -1,0 +1,127 @@
+"""fastdino throughput report: each fastdino path beside what a user would otherwise run.
+
+    python benchmarks/run.py                  # every suite, full sizes
+    python benchmarks/run.py --quick          # about a minute: smaller sizes, fewer repeats
+    python benchmarks/run.py --suite ops --out bench-out --check-targets
+
+Writes ``results.json`` (one row per measurement) and ``results.md`` (tables with speedups and
+the targets) to ``--out`` and prints the Markdown. Timings are medians of repeated runs after
+warm-up, with p20/p80; a wide p20-p80 spread is flagged as noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import bench_clip_grad
+import bench_dino_loss
+import bench_ema
+from fastdino.ops import backend_status
+from measure import Measurement, device_name, machine, time_function, versions
+
+SUITES = {"ops": (bench_dino_loss, bench_ema, bench_clip_grad)}
+NOISY_SPREAD = 0.2
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES) + ["all"], default="all")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (~1 min)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default: bench-out)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile baseline (compiling takes a minute or more on a CPU)")
+    parser.add_argument("--check-targets", action="store_true", help="exit with status 1 if a target is missed")
+    return parser.parse_args(argv)
+
+
+def build_cases(module, device, args):
+    if module is bench_dino_loss:
+        return module.cases(device, args.quick, compile_baseline=not args.no_compile)
+    return module.cases(device, args.quick)
+
+
+def run_case(case, device):
+    results = {}
+    for provider in case.providers:
+        print(f"[{case.suite}] {case.name} / {provider.name} ...", end=" ", flush=True)
+        times, peak = time_function(provider.fn, device, setup=provider.setup, repeats=case.repeats)
+        results[provider.name] = Measurement(
+            suite=case.suite, case=case.name, provider=provider.name, device=device_name(device),
+            dtype=case.dtype, sizes=case.sizes, times_ms=times, peak_memory_bytes=peak,
+        )
+        noisy = " (noisy)" if results[provider.name].spread > NOISY_SPREAD else ""
+        print(f"{results[provider.name].median:.2f} ms{noisy}", flush=True)
+    return results
+
+
+def speedup(results, provider, baseline):
+    return results[baseline].median / results[provider].median
+
+
+def case_markdown(case, results):
+    sizes = ", ".join(f"{key}={value}" for key, value in case.sizes.items())
+    header = ["provider", "median ms", "p20 ms", "p80 ms"]
+    if case.bytes_moved:
+        header.append("GB/s")
+    header += [f"x vs {baseline}" for baseline in case.baselines]
+    lines = [f"### {case.name} ({case.dtype}, {sizes})", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    for name, measurement in results.items():
+        cells = [name + (" (noisy)" if measurement.spread > NOISY_SPREAD else ""),
+                 f"{measurement.median:.2f}", f"{measurement.percentile(0.2):.2f}", f"{measurement.percentile(0.8):.2f}"]
+        if case.bytes_moved:
+            cells.append(f"{case.bytes_moved / measurement.median / 1e6:.1f}")
+        cells += [f"{speedup(results, name, baseline):.2f}" for baseline in case.baselines]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    suites = sorted(SUITES) if args.suite == "all" else [args.suite]
+    print(f"fastdino benchmarks on {device_name(device)}; backends: "
+          + ", ".join(f"{k}={'yes' if v == 'available' else 'no'}" for k, v in backend_status().items()))
+    rows, markdown, target_rows, missed = [], [], [], []
+    for suite in suites:
+        markdown += [f"## Suite: {suite}", ""]
+        for module in SUITES[suite]:
+            for case in build_cases(module, device, args):
+                results = run_case(case, device)
+                rows += [measurement.row() for measurement in results.values()]
+                markdown += case_markdown(case, results) + [""]
+                for target in case.targets:
+                    measured = speedup(results, target.provider, target.baseline)
+                    met = measured >= target.min_speedup
+                    target_rows.append({"case": case.name, **vars(target), "measured": measured, "met": met})
+                    if not met:
+                        missed.append(target_rows[-1])
+    if target_rows:
+        markdown += ["## Targets", "", "| case | provider | vs | target | measured | met |", "|---|---|---|---|---|---|"]
+        markdown += [f"| {t['case']} | {t['provider']} | {t['baseline']} | >= {t['min_speedup']}x | "
+                     f"{t['measured']:.2f}x | {'yes' if t['met'] else 'NO'} |" for t in target_rows]
+    title = (f"# fastdino benchmarks: {device_name(device)}, {datetime.date.today().isoformat()}"
+             f"{' (--quick)' if args.quick else ''}")
+    report = "\n".join([title, "", f"torch {torch.__version__}, fastdino {versions()['fastdino']}", ""] + markdown)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(
+        {"machine": machine(), "quick": args.quick, "rows": rows, "targets": target_rows}, indent=1))
+    (args.out / "results.md").write_text(report + "\n")
+    print("\n" + report)
+    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    if args.check_targets and missed:
+        print(f"{len(missed)} target(s) missed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
