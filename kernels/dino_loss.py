@@ -1,0 +1,342 @@
+"""Fused DINO cross-entropy loss forward + gradient (Triton), see OPS_CONTRACT.md section 1.
+
+Notation: student rows r = v*B + b (crop v of sample b), teacher rows i*B + b (global crop i),
+G = n_global_crops, x = s / tau_s, P_i = softmax((t_i - c) / tau_t),
+Q_v = sum_{i < G, i != v} P_i, n_t(v) = |{i < G, i != v}| (= G - 1 if v < G else G),
+n_pairs = G * ncrops - G.
+
+Gradient derivation. The row loss is
+    L_v = -sum_k Q_v(k) log_softmax(x_v)(k) = -sum_k Q_v(k) (x_v(k) - lse(x_v))
+        = n_t(v) lse(x_v) - sum_k Q_v(k) x_v(k)          (sum_k Q_v(k) = n_t(v))
+and loss = sum_{v,b} L_v,b / (B n_pairs). Q does not depend on the student (the teacher is
+detached), d lse(x)/d x_k = softmax(x)_k and d x_k / d s_k = 1 / tau_s, so
+    d loss / d s_v(k) = (n_t(v) softmax(x_v)(k) - Q_v(k)) / (tau_s B n_pairs).
+The gradient is produced here, in the forward; the backward only scales it by grad_output.
+
+All exponentials are base 2 (``exp2`` is the native instruction): with z2 = z * log2(e),
+softmax(z) = exp2(z2 - lse2(z2)) and lse(z) = lse2(z2) * ln(2). The kernels work on
+x2 = s * (log2(e) / tau_s) and z2 = (t - c) * (log2(e) / tau_t); for a row,
+L = ln(2) * (n_t * lse2(x2) - sum_k Q(k) x2(k)).
+
+Kernels (everything accumulated in float32, whatever the input dtypes):
+
+(a) ``_teacher_kernel``, grid (NB column blocks, NRG row groups). A program owns BLOCK_T columns
+    and a range of teacher rows, which it walks ROWS_T rows at a time ([ROWS_T, BLOCK_T] tile
+    loads). For each (teacher row, column block) it writes the partial softmax statistics
+    (max of z2 over the block, sum of exp2(z2 - max)) to a small (R_t, NB) float32 buffer, and it
+    accumulates the column sums of t over its rows in a fixed order. With NRG == 1 the column
+    sums are teacher_sum itself; otherwise (few column blocks: small K) they go to an (NRG, K)
+    buffer that torch sums over dim 0 (a fixed-order reduction). This is the ONLY read of the
+    teacher from memory besides the L2-friendly re-reads of (b). No atomics.
+(b) ``_student_kernel``, one program per student row. Programs are ordered sample-major
+    (pid -> b = pid // NV), so the programs running together share the same teacher rows, which
+    then come from L2. Prologue: combine the (max, sumexp) partials of this row's NT teacher rows
+    into their lse2 (a [NT_P2, NB_P2] tile). Loop 1 over K in BLOCK_S blocks: online max /
+    sum-exp2 of x2 (one block reduction per step, ONE exp2 per element) and the per-lane
+    accumulated dot Q.x2, with Q = sum_i exp2(z2_i - lse2_i) recomputed from the teacher tile
+    [NT_P2, BLOCK_S]. Row loss -> loss_rows[row]. Loop 2: re-read s, recompute Q, write
+    grad = (NT exp2(x2 - lse2) - Q) * 1 / (tau_s B n_pairs) in grad's dtype. Each block of the
+    row is read before the same block is written, so grad may alias student.
+    NT = n_t(v) is a constexpr: global crops (v < G, NT = G - 1) and local crops (v >= G,
+    NT = G) are two launches of the same kernel. NT == 0 (G == 1, v == 0): zero grad and loss.
+
+Memory traffic per student element: 2 reads of s (the second often an L2 hit) + 1 write of grad;
+teacher rows and the center are re-read from L2. The teacher is read from memory once.
+loss = sum(loss_rows) / (B n_pairs) (torch sum of an (R_s,) vector: deterministic).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+from .tensor_lists import cast_rne, check_device, interpreter_active
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Student kernel: BLOCK_S elements per loop step, 8 per thread (16-byte loads for 16-bit types,
+# two for fp32). Teacher kernel: [ROWS_T, BLOCK_T] tiles.
+MAX_BLOCK_S = 4096
+MIN_BLOCK_T = 256
+MAX_BLOCK_T = 4096
+MAX_COL_BLOCKS = 1024
+ROWS_T = 8
+# Software pipelining of the student loops (tl.range num_stages). 1 = plain loop: 64 registers
+# per thread and no shared memory at BLOCK_S = 4096 / 16 warps on sm_90 (2 programs per SM).
+# 2 prefetches the next block through shared memory (cp.async) at ~105 registers; worth
+# benchmarking on the target GPU before changing.
+STUDENT_NUM_STAGES = 1
+
+
+@triton.jit
+def _teacher_kernel(
+    t_ptr,
+    c_ptr,
+    m_part_ptr,
+    s_part_ptr,
+    tsum_ptr,
+    R_t,
+    K,
+    NB,
+    rows_per_group,
+    t_scale,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < K
+    # other=+inf: masked columns get z2 = -inf, i.e. exp2 = 0
+    c = tl.load(c_ptr + cols, mask=cmask, other=float("inf"))
+    csum = tl.zeros([BLOCK], dtype=tl.float32)
+    r_begin = pid_r * rows_per_group
+    r_end = tl.minimum(r_begin + rows_per_group, R_t)
+    for r0 in range(r_begin, r_end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        rmask = rows < r_end
+        mask = rmask[:, None] & cmask[None, :]
+        t = tl.load(
+            t_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=mask, other=0.0
+        ).to(tl.float32)
+        csum += tl.sum(t, axis=0)
+        z = (t - c[None, :]) * t_scale
+        m = tl.max(z, axis=1)
+        se = tl.sum(tl.exp2(z - m[:, None]), axis=1)
+        tl.store(m_part_ptr + rows * NB + pid_k, m, mask=rmask)
+        tl.store(s_part_ptr + rows * NB + pid_k, se, mask=rmask)
+    tl.store(tsum_ptr + pid_r.to(tl.int64) * K + cols, csum, mask=cmask)
+
+
+@triton.jit
+def _student_kernel(
+    s_ptr,
+    t_ptr,
+    c_ptr,
+    g_ptr,
+    m_part_ptr,
+    s_part_ptr,
+    loss_rows_ptr,
+    K,
+    B,
+    NB,
+    V0,
+    NV,
+    s_scale,
+    t_scale,
+    g_scale,
+    NT: tl.constexpr,
+    NT_P2: tl.constexpr,
+    NB_P2: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // NV  # sample-major order: neighbouring programs share teacher rows (L2)
+    v = V0 + pid % NV
+    row = v * B + b
+    s_row = s_ptr + row.to(tl.int64) * K
+    g_row = g_ptr + row.to(tl.int64) * K
+    offs = tl.arange(0, BLOCK)
+
+    if NT == 0:
+        # G == 1 and v == 0: no teacher view to compare with; Q = 0 and n_t = 0.
+        for k0 in range(0, K, BLOCK):
+            cols = k0 + offs
+            tl.store(g_row + cols, tl.zeros([BLOCK], dtype=tl.float32).to(g_ptr.dtype.element_ty),
+                     mask=cols < K)
+        tl.store(loss_rows_ptr + row, 0.0)
+    else:
+        # Teacher rows of this student row: j-th is i = j + (j >= v), j < NT (skips i == v).
+        j = tl.arange(0, NT_P2)
+        jmask = j < NT
+        t_rows = (j + (j >= v).to(tl.int32)) * B + b
+        # Prologue: lse2 of each teacher row from the (max, sumexp) partials of the teacher kernel.
+        nb = tl.arange(0, NB_P2)
+        pmask = jmask[:, None] & (nb < NB)[None, :]
+        part_off = t_rows[:, None] * NB + nb[None, :]
+        pm = tl.load(m_part_ptr + part_off, mask=pmask, other=float("-inf"))
+        ps = tl.load(s_part_ptr + part_off, mask=pmask, other=0.0)
+        pmax = tl.max(pm, axis=1)
+        pmax_safe = tl.where(jmask, pmax, 0.0)
+        lse_t = pmax_safe + tl.log2(tl.sum(ps * tl.exp2(pm - pmax_safe[:, None]), axis=1))
+        lse_t = tl.where(jmask, lse_t, float("inf"))  # padded rows: exp2(z2 - inf) = 0
+        t_base = t_ptr + t_rows.to(tl.int64)[:, None] * K
+
+        # Loop 1: online max / sum-exp2 of x2 and the dot Q.x2.
+        m_i = tl.full([], float("-inf"), dtype=tl.float32)
+        d_i = tl.full([], 0.0, dtype=tl.float32)
+        dot = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK, num_stages=NUM_STAGES):
+            cols = k0 + offs
+            cmask = cols < K
+            x = tl.load(s_row + cols, mask=cmask, other=float("-inf")).to(tl.float32) * s_scale
+            c = tl.load(c_ptr + cols, mask=cmask, other=float("inf"))
+            t = tl.load(t_base + cols[None, :], mask=jmask[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)
+            q = tl.sum(tl.exp2((t - c[None, :]) * t_scale - lse_t[:, None]), axis=0)
+            m_new = tl.maximum(m_i, tl.max(x, axis=0))
+            d_i = d_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new), axis=0)
+            m_i = m_new
+            dot += q * tl.where(cmask, x, 0.0)
+        lse = m_i + tl.log2(d_i)
+        tl.store(loss_rows_ptr + row, (NT * lse - tl.sum(dot, axis=0)) * 0.6931471805599453)
+
+        # Loop 2: grad = (NT softmax(x) - Q) * g_scale; each block read before it is written.
+        for k0 in tl.range(0, K, BLOCK, num_stages=NUM_STAGES):
+            cols = k0 + offs
+            cmask = cols < K
+            x = tl.load(s_row + cols, mask=cmask, other=0.0).to(tl.float32) * s_scale
+            c = tl.load(c_ptr + cols, mask=cmask, other=float("inf"))
+            t = tl.load(t_base + cols[None, :], mask=jmask[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)
+            q = tl.sum(tl.exp2((t - c[None, :]) * t_scale - lse_t[:, None]), axis=0)
+            g = (NT * tl.exp2(x - lse) - q) * g_scale
+            tl.store(g_row + cols, cast_rne(g, g_ptr.dtype.element_ty, INTERPRET), mask=cmask)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index) -> int:
+    if device_index is None:
+        return 4  # interpreter on CPU: few programs keep it fast; the logic is the same
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _teacher_config(R_t: int, K: int, n_sms: int):
+    block_t = min(max(MIN_BLOCK_T, _next_pow2(triton.cdiv(K, MAX_COL_BLOCKS))), MAX_BLOCK_T)
+    block_t = min(block_t, _next_pow2(K))
+    nb = triton.cdiv(K, block_t)
+    rows = min(ROWS_T, _next_pow2(R_t))
+    # Enough programs to fill the GPU (~4 per SM): split the rows when there are few column blocks.
+    row_tiles = triton.cdiv(R_t, rows)
+    nrg = max(1, min(row_tiles, (4 * n_sms) // nb))
+    rows_per_group = triton.cdiv(row_tiles, nrg) * rows
+    nrg = triton.cdiv(R_t, rows_per_group)
+    num_warps = 4 if rows * block_t <= 2048 else 8
+    return block_t, nb, rows, nrg, rows_per_group, num_warps
+
+
+def _student_config(K: int):
+    block_s = min(MAX_BLOCK_S, _next_pow2(K))
+    num_warps = max(1, min(16, block_s // 256))
+    return block_s, num_warps
+
+
+def _check_tensor(x, name, dtypes, dim):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({allowed}), got {x.dtype}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    check_device(x, name)
+
+
+def _check_positive(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a positive float, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite float, got {value}")
+    return value
+
+
+def dino_loss_forward(student, teacher, center, grad, n_global_crops, student_temp, teacher_temp):
+    """Returns (loss: 0-d float32, teacher_sum: (K,) float32) and writes d loss / d student to grad."""
+    _check_tensor(student, "student", _DTYPES, 2)
+    _check_tensor(teacher, "teacher", _DTYPES, 2)
+    _check_tensor(center, "center", (torch.float32,), 1)
+    _check_tensor(grad, "grad", _DTYPES, 2)
+    if isinstance(n_global_crops, bool) or not isinstance(n_global_crops, numbers.Integral):
+        raise ValueError(f"n_global_crops must be an int, got {type(n_global_crops).__name__}")
+    G = int(n_global_crops)
+    tau_s = _check_positive(student_temp, "student_temp")
+    tau_t = _check_positive(teacher_temp, "teacher_temp")
+
+    R_s, K = student.shape
+    R_t = teacher.shape[0]
+    if K < 1:
+        raise ValueError(f"student must have at least one column, got shape {tuple(student.shape)}")
+    if teacher.shape[1] != K:
+        raise ValueError(f"teacher has {teacher.shape[1]} columns but student has {K}")
+    if center.shape[0] != K:
+        raise ValueError(f"center must have shape ({K},), got {tuple(center.shape)}")
+    if tuple(grad.shape) != (R_s, K):
+        raise ValueError(f"grad must have the student's shape {(R_s, K)}, got {tuple(grad.shape)}")
+    if grad.dtype != student.dtype:
+        raise ValueError(f"grad must have the student's dtype {student.dtype}, got {grad.dtype}")
+    for name, x in (("teacher", teacher), ("center", center), ("grad", grad)):
+        if x.device != student.device:
+            raise ValueError(f"{name} is on {x.device} but student is on {student.device}")
+    if G < 1:
+        raise ValueError(f"n_global_crops must be >= 1, got {G}")
+    if R_t < G or R_t % G != 0:
+        raise ValueError(f"teacher rows ({R_t}) must be a positive multiple of n_global_crops ({G})")
+    B = R_t // G
+    if R_s % B != 0:
+        raise ValueError(f"student rows ({R_s}) must be a multiple of the batch size B = {B}")
+    ncrops = R_s // B
+    if ncrops < G:
+        raise ValueError(f"student has {ncrops} crops per sample, fewer than n_global_crops ({G})")
+    n_pairs = G * ncrops - G
+    if n_pairs == 0:
+        raise ValueError(
+            "no (teacher, student) crop pairs: n_global_crops == 1 and a single student crop"
+        )
+
+    device = student.device
+    n_sms = _num_sms(device.index if device.type == "cuda" else None)
+    if device.type == "cuda" and device.index is None:  # pragma: no cover
+        n_sms = _num_sms(torch.cuda.current_device())
+
+    # (a) teacher pass
+    block_t, nb, rows_t, nrg, rows_per_group, warps_t = _teacher_config(R_t, K, n_sms)
+    m_part = torch.empty((R_t, nb), dtype=torch.float32, device=device)
+    s_part = torch.empty((R_t, nb), dtype=torch.float32, device=device)
+    if nrg == 1:
+        tsum_out = torch.empty(K, dtype=torch.float32, device=device)
+    else:
+        tsum_out = torch.empty((nrg, K), dtype=torch.float32, device=device)
+    t_scale = LOG2E / tau_t
+    _teacher_kernel[(nb, nrg)](
+        teacher, center, m_part, s_part, tsum_out,
+        R_t, K, nb, rows_per_group, t_scale,
+        ROWS=rows_t, BLOCK=block_t,
+        num_warps=warps_t, enable_fp_fusion=True,
+    )
+    teacher_sum = tsum_out if nrg == 1 else tsum_out.sum(dim=0)
+
+    # (b) student pass: global crops (NT = G - 1), then local crops (NT = G)
+    loss_rows = torch.empty(R_s, dtype=torch.float32, device=device)
+    block_s, warps_s = _student_config(K)
+    s_scale = LOG2E / tau_s
+    g_scale = 1.0 / (tau_s * B * n_pairs)
+    for v0, nv, nt in ((0, G, G - 1), (G, ncrops - G, G)):
+        if nv == 0:
+            continue
+        _student_kernel[(B * nv,)](
+            student, teacher, center, grad, m_part, s_part, loss_rows,
+            K, B, nb, v0, nv, s_scale, t_scale, g_scale,
+            NT=nt, NT_P2=_next_pow2(max(nt, 1)), NB_P2=_next_pow2(nb), BLOCK=block_s,
+            INTERPRET=interpreter_active(),
+            NUM_STAGES=STUDENT_NUM_STAGES,
+            num_warps=warps_s, enable_fp_fusion=True,
+        )
+    loss = loss_rows.sum() / float(B * n_pairs)
+    return loss, teacher_sum

@@ -1,0 +1,163 @@
+"""Multi-tensor EMA: teacher <- m * teacher + (1 - m) * student, in place on the teacher.
+
+One launch per (teacher dtype, student dtype) group covers every tensor of the group (see
+tensor_lists.py): one program per chunk of CHUNK elements of one tensor. Math in float32, one
+rounding (round to nearest even) to the teacher dtype. The momentum may be a Python float or a
+0-d float tensor on the device, which the kernel loads itself (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+from .tensor_lists import (
+    TAIL,
+    cast_rne,
+    check_device,
+    check_tensor_list,
+    get_table,
+    group_by,
+    interpreter_active,
+    triton_dtype,
+)
+
+CHUNK = 32768  # elements per program
+BLOCK = 4096  # elements per loop step (16 per thread with 8 warps)
+NUM_WARPS = 8
+
+
+@triton.jit
+def _ema_kernel(
+    t_addrs,
+    s_addrs,
+    numel_ptr,
+    main_ptr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    mom_ptr,
+    mom_value,
+    T_DTYPE: tl.constexpr,
+    S_DTYPE: tl.constexpr,
+    MOM_IS_PTR: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TAIL: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    ti = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    numel = tl.load(numel_ptr + ti)
+    main = tl.load(main_ptr + ti)
+    t_base = tl.load(t_addrs + ti).to(tl.pointer_type(T_DTYPE))
+    s_base = tl.load(s_addrs + ti).to(tl.pointer_type(S_DTYPE))
+    if ALIGNED:
+        # Every base is 16-byte aligned and start/main are multiples of TAIL = 16 elements, so
+        # the main loop's masked loads can be 16-byte vectors.
+        t_base = tl.multiple_of(t_base, 16)
+        s_base = tl.multiple_of(s_base, 16)
+        start = tl.multiple_of(start, 16)
+        main = tl.multiple_of(main, 16)
+    if MOM_IS_PTR:
+        m = tl.load(mom_ptr).to(tl.float32)
+    else:
+        m = tl.full([], mom_value, tl.float32)
+    one_minus_m = 1.0 - m
+
+    offs = tl.arange(0, BLOCK)
+    span = tl.minimum(main - start, CHUNK)  # <= 0 for the chunk that only holds the tail
+    for off in range(0, span, BLOCK):
+        idx = start + off + offs
+        mask = idx < main
+        t = tl.load(t_base + idx, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_base + idx, mask=mask, other=0.0).to(tl.float32)
+        tl.store(t_base + idx, cast_rne(m * t + one_minus_m * s, T_DTYPE, INTERPRET), mask=mask)
+
+    # The numel % TAIL leftover elements [main, numel) lie in exactly one chunk.
+    tidx = main + tl.arange(0, TAIL)
+    tmask = (tidx < numel) & (tidx >= start) & (tidx < start + CHUNK)
+    t = tl.load(t_base + tidx, mask=tmask, other=0.0).to(tl.float32)
+    s = tl.load(s_base + tidx, mask=tmask, other=0.0).to(tl.float32)
+    tl.store(t_base + tidx, cast_rne(m * t + one_minus_m * s, T_DTYPE, INTERPRET), mask=tmask)
+
+
+def _check_momentum(momentum, device):
+    """Returns (tensor or None, float value)."""
+    if isinstance(momentum, torch.Tensor):
+        if momentum.numel() != 1 or momentum.dim() > 1:
+            raise ValueError(
+                f"momentum must be a float or a 0-d float tensor, got shape {tuple(momentum.shape)}"
+            )
+        if not momentum.is_floating_point():
+            raise ValueError(f"momentum tensor must be floating point, got {momentum.dtype}")
+        check_device(momentum, "momentum")
+        if momentum.device != device:
+            raise ValueError(
+                f"momentum is on {momentum.device} but the parameters are on {device}"
+            )
+        if momentum.dtype != torch.float32:
+            momentum = momentum.to(torch.float32)
+        return momentum.reshape(()), 0.0
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise ValueError(f"momentum must be a float or a 0-d float tensor, got {type(momentum).__name__}")
+    return None, float(momentum)
+
+
+def ema_update_(teacher_tensors, student_tensors, momentum) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student for every pair, in place."""
+    teachers = check_tensor_list(teacher_tensors, "teacher_tensors")
+    students = check_tensor_list(student_tensors, "student_tensors")
+    if len(teachers) != len(students):
+        raise ValueError(
+            f"teacher_tensors and student_tensors must have the same length, got "
+            f"{len(teachers)} and {len(students)}"
+        )
+    for i, (t, s) in enumerate(zip(teachers, students)):
+        if t.numel() != s.numel():
+            raise ValueError(
+                f"teacher_tensors[{i}] has {t.numel()} elements but student_tensors[{i}] has "
+                f"{s.numel()}"
+            )
+        if s.device != t.device:
+            raise ValueError(
+                f"student_tensors[{i}] is on {s.device} but teacher_tensors[{i}] is on {t.device}"
+            )
+    if not teachers:
+        if not isinstance(momentum, (torch.Tensor, numbers.Real)) or isinstance(momentum, bool):
+            raise ValueError(
+                f"momentum must be a float or a 0-d float tensor, got {type(momentum).__name__}"
+            )
+        return
+    device = teachers[0].device
+    mom_tensor, mom_value = _check_momentum(momentum, device)
+
+    groups = group_by([(t.dtype, s.dtype) for t, s in zip(teachers, students)])
+    for (t_dtype, s_dtype), idx in groups.items():
+        tl_list = [teachers[i] for i in idx]
+        sl_list = [students[i] for i in idx]
+        table = get_table([tl_list, sl_list], CHUNK)
+        _ema_kernel[(table.n_chunks,)](
+            table.addrs[0],
+            table.addrs[1],
+            table.numel,
+            table.main,
+            table.chunk_tensor,
+            table.chunk_start,
+            mom_tensor if mom_tensor is not None else table.numel,  # unused when a float
+            mom_value,
+            T_DTYPE=triton_dtype(t_dtype),
+            S_DTYPE=triton_dtype(s_dtype),
+            MOM_IS_PTR=mom_tensor is not None,
+            ALIGNED=table.aligned,
+            CHUNK=CHUNK,
+            BLOCK=BLOCK,
+            TAIL=TAIL,
+            INTERPRET=interpreter_active(),
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
