@@ -48,6 +48,15 @@ def backend_params(*names):
 
 
 @pytest.fixture
+def device(backend):
+    """Where a backend's tensors live: CUDA for "triton" when there is a GPU, else the CPU
+    (the Triton interpreter in CI)."""
+    if backend == "triton" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@pytest.fixture
 def generator(request):
     """A generator with a fresh random seed per test, printed on failure to reproduce it."""
     seed = int.from_bytes(os.urandom(4), "little")

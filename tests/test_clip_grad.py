@@ -22,34 +22,34 @@ def release_clip(grads, clip):
     return torch.stack(norms)
 
 
-def make_parameters(generator, dtype):
+def make_parameters(generator, dtype, device):
     # Gradient norms straddle max_norm=3: scales 0.01 .. 10 over odd shapes.
     shapes = [(384,), (7,), (3, 5, 8, 8), (1000, 13), (65537,), (1,)]
     scales = [0.01, 10.0, 0.05, 1.0, 0.3, 5.0]
     parameters = []
     for shape, scale in zip(shapes, scales):
-        parameter = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
-        parameter.grad = (torch.randn(shape, generator=generator) * scale).to(dtype)
+        parameter = torch.nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        parameter.grad = (torch.randn(shape, generator=generator) * scale).to(device, dtype)
         parameters.append(parameter)
-    parameters.append(torch.nn.Parameter(torch.zeros(4)))  # no gradient: skipped
+    parameters.append(torch.nn.Parameter(torch.zeros(4, device=device)))  # no gradient: skipped
     return parameters
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_matches_the_release_in_float64(backend, dtype, generator):
-    parameters = make_parameters(generator, dtype)
-    expected_grads = [p.grad.double() for p in parameters if p.grad is not None]
+def test_matches_the_release_in_float64(backend, device, dtype, generator):
+    parameters = make_parameters(generator, dtype, device)
+    expected_grads = [p.grad.cpu().double() for p in parameters if p.grad is not None]
     expected_norms = release_clip(expected_grads, 3.0)
     assert any(n > 3 for n in expected_norms) and any(n < 3 for n in expected_norms)
 
     norms = clip_grad_per_param_(parameters, 3.0, backend=backend)
     assert norms.dtype == torch.float32 and norms.shape == (len(expected_grads),)
-    assert_close(norms, expected_norms, dtype, "clip", f"(backend={backend})")
+    assert_close(norms.cpu(), expected_norms, dtype, "clip", f"(backend={backend})")
     grads = [p.grad for p in parameters if p.grad is not None]
     for grad, expected in zip(grads, expected_grads):
         assert grad.dtype == dtype
-        assert_close(grad, expected, dtype, "clip", f"(backend={backend})")
+        assert_close(grad.cpu(), expected, dtype, "clip", f"(backend={backend})")
 
 
 def test_no_gradients_and_bad_max_norm():

@@ -48,26 +48,26 @@ class ReleaseDINOLoss(torch.nn.Module):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n_local", [0, 3])
-def test_dino_loss_module_matches_the_release_over_epochs(backend, n_local, generator):
+def test_dino_loss_module_matches_the_release_over_epochs(backend, device, n_local, generator):
     out_dim, batch, ncrops, nepochs = 300 if backend == "triton" else 2000, 3, 2 + n_local, 6
     args = dict(out_dim=out_dim, ncrops=ncrops, warmup_teacher_temp=0.04, teacher_temp=0.07,
                 warmup_teacher_temp_epochs=4, nepochs=nepochs)
-    ours, release = DINOLoss(**args, backend=backend), ReleaseDINOLoss(**args).double()
+    ours, release = DINOLoss(**args, backend=backend).to(device), ReleaseDINOLoss(**args).double()
     assert ours.center.shape == (1, out_dim)
     np.testing.assert_allclose(ours.teacher_temp_schedule, release.schedule, rtol=0, atol=1e-17)
 
     for epoch in range(nepochs):  # one step per epoch: every warm-up temperature is used
         student = torch.randn(ncrops * batch, out_dim, generator=generator) * 3
         teacher = torch.randn(2 * batch, out_dim, generator=generator) * 3 + 1
-        student_ours = student.clone().requires_grad_()
+        student_ours = student.to(device, copy=True).requires_grad_()
         student_release = student.double().requires_grad_()
-        loss = ours(student_ours, teacher, epoch)
+        loss = ours(student_ours, teacher.to(device), epoch)
         loss_release = release(student_release, teacher.double(), epoch)
         loss.backward()
         loss_release.backward()
-        torch.testing.assert_close(loss.double(), loss_release, rtol=1e-5, atol=0)
-        torch.testing.assert_close(student_ours.grad.double(), student_release.grad, rtol=1e-4, atol=1e-8)
-        torch.testing.assert_close(ours.center.double(), release.center, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss.cpu().double(), loss_release, rtol=1e-5, atol=0)
+        torch.testing.assert_close(student_ours.grad.cpu().double(), student_release.grad, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(ours.center.cpu().double(), release.center, rtol=1e-5, atol=1e-6)
 
 
 def test_epoch_outside_the_schedule_is_rejected():
@@ -98,9 +98,9 @@ def lightly_reference_loss(teacher_out, student_out, center, teacher_temp, stude
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lightly_adapter_matches_lightly(backend, generator):
+def test_lightly_adapter_matches_lightly(backend, device, generator):
     ours = LightlyDINOLoss(output_dim=257, warmup_teacher_temp_epochs=3, teacher_temp=0.07,
-                           backend=backend)
+                           backend=backend).to(device)
     center = torch.zeros(1, 1, 257, dtype=torch.float64)
     assert ours.center.shape == center.shape
     schedule = torch.linspace(0.04, 0.07, 3)
@@ -110,10 +110,11 @@ def test_lightly_adapter_matches_lightly(backend, generator):
         temperature = float(schedule[epoch]) if epoch < 3 else 0.07
         expected = lightly_reference_loss([t.double() for t in teacher], [s.double() for s in student],
                                           center, temperature)
-        torch.testing.assert_close(ours(teacher, student, epoch=epoch).double(), expected, rtol=1e-5, atol=0)
+        loss = ours([t.to(device) for t in teacher], [s.to(device) for s in student], epoch=epoch)
+        torch.testing.assert_close(loss.cpu().double(), expected, rtol=1e-5, atol=0)
         center = center * 0.9 + torch.stack(teacher).double().mean(dim=(0, 1), keepdim=True) * 0.1
-        torch.testing.assert_close(ours.center.double(), center, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.center.cpu().double(), center, rtol=1e-5, atol=1e-6)
     # lightly's other calling forms: an explicit temperature, one teacher view.
-    loss = ours([teacher[0]], student[:3], teacher_temp=0.05)
+    loss = ours([teacher[0].to(device)], [s.to(device) for s in student[:3]], teacher_temp=0.05).cpu()
     expected = lightly_reference_loss([teacher[0].double()], [s.double() for s in student[:3]], center, 0.05)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)

@@ -12,9 +12,9 @@ BACKENDS = backend_params("torch", "cpp", "triton")
 SHAPES = [(384,), (7,), (1, 384), (3, 5, 8, 8), (1000, 13), (65537,), (1,)]
 
 
-def make_pairs(generator, teacher_dtype, student_dtype, shapes=SHAPES):
-    teachers = [torch.randn(shape, generator=generator).to(teacher_dtype) for shape in shapes]
-    students = [torch.randn(shape, generator=generator).to(student_dtype) for shape in shapes]
+def make_pairs(generator, teacher_dtype, student_dtype, device, shapes=SHAPES):
+    teachers = [torch.randn(shape, generator=generator).to(device, teacher_dtype) for shape in shapes]
+    students = [torch.randn(shape, generator=generator).to(device, student_dtype) for shape in shapes]
     return teachers, students
 
 
@@ -24,38 +24,38 @@ def make_pairs(generator, teacher_dtype, student_dtype, shapes=SHAPES):
     (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float16, torch.float32),
 ], ids=str)
 @pytest.mark.parametrize("momentum_kind", ["float", "tensor"])
-def test_matches_float64_reference(backend, teacher_dtype, student_dtype, momentum_kind, generator):
-    teachers, students = make_pairs(generator, teacher_dtype, student_dtype)
+def test_matches_float64_reference(backend, device, teacher_dtype, student_dtype, momentum_kind, generator):
+    teachers, students = make_pairs(generator, teacher_dtype, student_dtype, device)
     momentum = 0.9961 + 0.003 * float(torch.rand((), generator=generator))
     expected = [t.double() for t in teachers]
     ema_update_reference(expected, [s.double() for s in students], momentum)
 
-    ema_update_(teachers, students, torch.tensor(momentum) if momentum_kind == "tensor" else momentum,
+    ema_update_(teachers, students, torch.tensor(momentum, device=device) if momentum_kind == "tensor" else momentum,
                 backend=backend)
     for teacher, reference in zip(teachers, expected):
         assert teacher.dtype == teacher_dtype
         # The result is rounded once to the teacher's dtype, like the rounded float64 reference.
-        assert_close(teacher, reference.to(teacher_dtype), teacher_dtype, "ema", f"(backend={backend})")
-        assert_close(teacher, reference, teacher_dtype, "ema", f"(backend={backend})")
+        assert_close(teacher.cpu(), reference.to(teacher_dtype), teacher_dtype, "ema", f"(backend={backend})")
+        assert_close(teacher.cpu(), reference, teacher_dtype, "ema", f"(backend={backend})")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_updates_module_parameters_and_non_contiguous_teachers(backend, generator):
-    student = torch.nn.Linear(33, 17)
-    teacher = torch.nn.Linear(33, 17)
+def test_updates_module_parameters_and_non_contiguous_teachers(backend, device, generator):
+    student = torch.nn.Linear(33, 17).to(device)
+    teacher = torch.nn.Linear(33, 17).to(device)
     with torch.no_grad():
-        teacher.weight.set_(torch.randn(33, 17, generator=generator).t())  # non-contiguous view
+        teacher.weight.set_(torch.randn(33, 17, generator=generator).to(device).t())  # non-contiguous view
     assert not teacher.weight.is_contiguous()
     expected = [0.5 * t.detach().double() + 0.5 * s.detach().double()
                 for t, s in zip(teacher.parameters(), student.parameters())]
     ema_update_(teacher.parameters(), student.parameters(), 0.5, backend=backend)
     for parameter, reference in zip(teacher.parameters(), expected):
-        assert_close(parameter, reference, torch.float32, "ema")
+        assert_close(parameter.cpu(), reference.cpu(), torch.float32, "ema")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_momentum_one_keeps_the_teacher_and_zero_copies_the_student(backend, generator):
-    teachers, students = make_pairs(generator, torch.float32, torch.float32, [(100,), (3, 3)])
+def test_momentum_one_keeps_the_teacher_and_zero_copies_the_student(backend, device, generator):
+    teachers, students = make_pairs(generator, torch.float32, torch.float32, device, [(100,), (3, 3)])
     before = [t.clone() for t in teachers]
     ema_update_(teachers, students, 1.0, backend=backend)
     assert all(torch.equal(t, b) for t, b in zip(teachers, before))

@@ -25,7 +25,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor, scale: float = 
     return float((actual - expected).norm() / expected.norm().clamp_min(max(scale, 1e-300)))
 
 
-def assert_close(actual, expected, dtype, quantity, context="", scale=0.0):
-    tolerance = TOLERANCES[dtype][quantity]
+def assert_close(actual, expected, dtype, quantity, context="", scale=0.0, conditioning=1.0):
+    """``conditioning`` widens the tolerance for inputs whose float32 rounding alone costs more
+    (logits far larger than a DINO head produces)."""
+    tolerance = TOLERANCES[dtype][quantity] * conditioning
     error = relative_error(actual, expected, scale)
     assert error <= tolerance, f"{quantity}: relative error {error:.3g} > {tolerance:g} {context}"
