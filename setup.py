@@ -16,7 +16,7 @@ EXTENSION_NAME = "fastdino._C"
 # -O3 with auto-vectorization, but no -march=native: wheels and shared clusters must run on any
 # x86-64. The hot loops use target_clones (see csrc/cpu_math.h) to get AVX2/AVX-512 variants
 # chosen at load time. -fno-math-errno lets the compiler vectorize sqrt; we never use errno.
-COMPILE_ARGS = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+COMPILE_ARGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 LINK_ARGS = ["-fopenmp"]
 
 
