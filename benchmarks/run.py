@@ -22,10 +22,11 @@ import torch
 import bench_clip_grad
 import bench_dino_loss
 import bench_ema
+import bench_models
 from fastdino.ops import backend_status
 from measure import Measurement, device_name, machine, time_function, versions
 
-SUITES = {"ops": (bench_dino_loss, bench_ema, bench_clip_grad)}
+SUITES = {"ops": (bench_dino_loss, bench_ema, bench_clip_grad), "models": (bench_models,)}
 NOISY_SPREAD = 0.2
 
 
