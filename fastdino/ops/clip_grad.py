@@ -15,8 +15,9 @@ CLIP_EPS = 1e-6  # the release's clip_coef = clip / (norm + 1e-6)
 def clip_grad_per_param_reference(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """The "torch" backend: torch's fused foreach norms and scaling (no .item(), no Python loop
     over values). With float64 grads it is the test reference."""
+    # Norms accumulate and come back in float32 (float64 for float64 grads), not in bf16/fp16.
     norm_dtype = torch.promote_types(grads[0].dtype, torch.float32)
-    norms = torch.stack([norm.to(norm_dtype) for norm in torch._foreach_norm(grads)])
+    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=norm_dtype))
     # clamp(max=1) multiplies by exactly 1 where the release skips the multiplication.
     coefficients = (max_norm / (norms + CLIP_EPS)).clamp(max=1.0)
     torch._foreach_mul_(grads, list(coefficients.unbind()))
