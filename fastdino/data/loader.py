@@ -1,0 +1,259 @@
+"""``build_multicrop_loader``: the images of a folder as batches of DINO multi-crop views.
+
+Order: every epoch is a fresh permutation of the dataset drawn from (seed, epoch); shard k of n
+takes every n-th image of it, so shards are disjoint, equally long, and together cover the epoch
+(the at most n - 1 images left over are dropped, different ones each epoch). The loader's
+position (epoch, step) is the next batch it will yield; ``state_dict`` saves it and a loader
+restored from it continues with that batch, including its augmentation draws.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .image_files import ImageIndex, scan_images
+from .recipe import MultiCropRecipe, batch_generator, sample_crop_parameters
+
+DATA_BACKENDS = ("auto", "dali", "torchvision")
+DATA_BACKEND_ENV_VAR = "FASTDINO_DATA_BACKEND"
+
+
+class DataLoadingError(RuntimeError):
+    """A batch could not be produced; the message names its files."""
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_data_backend(backend: str = "auto") -> str:
+    """"dali" or "torchvision": ``FASTDINO_DATA_BACKEND`` when set, else ``backend``; "auto" is
+    DALI when it imports."""
+    requested = os.environ.get(DATA_BACKEND_ENV_VAR) or backend
+    source = f"{DATA_BACKEND_ENV_VAR}={requested!r}" if os.environ.get(DATA_BACKEND_ENV_VAR) else f"backend={requested!r}"
+    if requested not in DATA_BACKENDS:
+        raise ValueError(f"{source}: choose one of {DATA_BACKENDS}")
+    if requested == "auto":
+        return "dali" if dali_available() else "torchvision"
+    if requested == "dali" and not dali_available():
+        from .dali_pipeline import import_dali
+
+        import_dali()  # raises the ImportError that says how to install it
+    return requested
+
+
+class BatchPlan:
+    """Which images make batch (epoch, step) of one shard, and that batch's augmentation draws."""
+
+    def __init__(self, index: ImageIndex, batch_size: int, recipe: MultiCropRecipe, n_local_crops: int,
+                 seed: int, shard_id: int, num_shards: int, drop_last: bool):
+        self.index = index
+        self.batch_size = batch_size
+        self.recipe = recipe
+        self.n_local_crops = n_local_crops
+        self.seed = seed
+        self.shard_id = shard_id
+        self.num_shards = num_shards
+        self.images_per_shard = len(index) // num_shards
+        full, partial = divmod(self.images_per_shard, batch_size)
+        self.steps_per_epoch = full + (1 if partial and not drop_last else 0)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(index)} images over num_shards={num_shards} give "
+                             f"{self.images_per_shard} per shard, fewer than batch_size={batch_size} "
+                             f"(drop_last={drop_last}): no batch to train on")
+        self._cached_epoch, self._cached_order = None, None
+
+    def shard_order(self, epoch: int) -> np.ndarray:
+        """Dataset indices of this shard in epoch ``epoch``, in the order they are used."""
+        if epoch != self._cached_epoch:
+            permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.index))
+            used = permutation[: self.images_per_shard * self.num_shards]
+            self._cached_epoch, self._cached_order = epoch, used[self.shard_id :: self.num_shards]
+        return self._cached_order
+
+    def batch_indices(self, epoch: int, step: int) -> np.ndarray:
+        return self.shard_order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
+
+    def request(self, epoch: int, step: int):
+        """(paths, crop draws) of batch (epoch, step)."""
+        indices = self.batch_indices(epoch, step)
+        generator = batch_generator(self.seed, epoch, self.shard_id, step)
+        crops = sample_crop_parameters(self.recipe, self.n_local_crops, self.index.sizes[indices], generator)
+        return [self.index.paths[i] for i in indices], crops
+
+    def positions(self, epoch: int, step: int) -> Iterator[tuple[int, int]]:
+        """(epoch, step) from the given one onwards, across epoch ends, without end."""
+        while True:
+            for current in range(step, self.steps_per_epoch):
+                yield epoch, current
+            epoch, step = epoch + 1, 0
+
+
+class MultiCropLoader:
+    """Iterate for the rest of the current epoch's batches; each batch is a list of 2 + n_local
+    crops (B, 3, S, S), global crops first. See ``build_multicrop_loader``."""
+
+    def __init__(self, plan: BatchPlan, backend: str, device: torch.device, dtype: torch.dtype,
+                 num_threads: int):
+        self.plan = plan
+        self.backend_name = backend
+        self.device = device
+        self.dtype = dtype
+        self.num_threads = num_threads
+        self.epoch, self.step = 0, 0
+        self._stream, self._stream_position = None, None
+
+    @property
+    def backend(self) -> str:
+        """"dali-gpu", "dali-cpu" or "torchvision"."""
+        if self.backend_name == "dali":
+            return "dali-gpu" if self.device.type == "cuda" else "dali-cpu"
+        return "torchvision"
+
+    @property
+    def num_images(self) -> int:
+        return len(self.plan.index)
+
+    def __len__(self) -> int:
+        return self.plan.steps_per_epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, step = int(state["epoch"]), int(state["step"])
+        if epoch < 0 or not 0 <= step <= len(self):
+            raise ValueError(f"loader position epoch={epoch}, step={step} is outside an epoch of "
+                             f"{len(self)} batches")
+        self.epoch, self.step = (epoch + 1, 0) if step == len(self) else (epoch, step)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.load_state_dict({"epoch": epoch, "step": 0})
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        while self.step < len(self):
+            if self._stream_position != (self.epoch, self.step):
+                self._restart_stream()
+            batch = next(self._stream)
+            self.step += 1
+            self._stream_position = (self.epoch, self.step)
+            yield batch
+        self.epoch, self.step = self.epoch + 1, 0
+        if self._stream is not None:
+            self._stream_position = (self.epoch, 0)
+
+    def _restart_stream(self):
+        self._stream = None  # release the previous pipeline or workers first
+        positions = self.plan.positions(self.epoch, self.step)
+        if self.backend_name == "dali":
+            self._stream = _dali_stream(self.plan, positions, self.device, self.dtype, self.num_threads)
+        else:
+            self._stream = _torchvision_stream(self.plan, positions, self.device, self.dtype, self.num_threads)
+        self._stream_position = (self.epoch, self.step)
+
+
+def _dali_stream(plan: BatchPlan, positions, device, dtype, num_threads):
+    from .dali_pipeline import build_dali_pipeline, dali_outputs_to_torch, pack_crop_parameters
+
+    in_flight = collections.deque()  # paths of the batches fed and not yet returned, for errors
+
+    def next_batch_inputs():
+        paths, crops = plan.request(*next(positions))
+        in_flight.append(paths)
+        encoded = [np.fromfile(path, dtype=np.uint8) for path in paths]
+        return (encoded, *(list(pack_crop_parameters(crop)) for crop in crops))
+
+    on_gpu = device.type == "cuda"
+    pipeline = build_dali_pipeline(
+        next_batch_inputs, plan.recipe, plan.n_local_crops, plan.batch_size, num_threads,
+        device_id=(device.index if device.index is not None else torch.cuda.current_device()) if on_gpu else None,
+        half_precision=dtype in (torch.float16, torch.bfloat16))
+    while True:
+        try:
+            outputs = pipeline.run()
+        except Exception as error:
+            paths = in_flight[0] if in_flight else []
+            raise DataLoadingError(
+                f"DALI failed on a batch of {len(paths)} images ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); its files: {paths}. A file "
+                f"that passed the header check may still be corrupt: remove it, or run with the "
+                f"torchvision backend to find it") from error
+        in_flight.popleft()
+        yield dali_outputs_to_torch(outputs, device, dtype)
+
+
+class _Requests(torch.utils.data.Sampler):
+    """The DataLoader's 'indices': one (paths, crop draws) request per batch, without end."""
+
+    def __init__(self, plan: BatchPlan, positions):
+        self.plan = plan
+        self.positions = positions
+
+    def __iter__(self):
+        for position in self.positions:
+            yield self.plan.request(*position)
+
+
+def _torchvision_stream(plan: BatchPlan, positions, device, dtype, num_threads):
+    from .torchvision_pipeline import MultiCropBatches, normalize_uint8_crops
+
+    on_gpu = device.type == "cuda"
+    dataset = MultiCropBatches(plan.recipe, plan.recipe.crop_sizes(plan.n_local_crops))
+    workers = num_threads if num_threads > 1 else 0
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=_Requests(plan, positions),
+                                         num_workers=workers, pin_memory=on_gpu)
+    for uint8_crops in loader:
+        yield normalize_uint8_crops(uint8_crops, plan.recipe, device, dtype)
+
+
+def build_multicrop_loader(data_path, batch_size: int, *, n_local_crops: int = 8, backend: str = "auto",
+                           device=None, dtype: torch.dtype = torch.float32, shard_id: int = 0,
+                           num_shards: int = 1, seed: int = 0, num_threads: int | None = None,
+                           recipe: MultiCropRecipe | None = None, skip_bad_files: bool = False,
+                           drop_last: bool = True, verbose: bool = True) -> MultiCropLoader:
+    """DINO multi-crop batches of the JPEG/PNG images under ``data_path``.
+
+    data_path: an image folder (class subfolders or flat) or a text file listing image paths.
+    Each batch: ``2 + n_local_crops`` tensors (batch_size, 3, S, S) of ``dtype`` on ``device``
+    (default: the current CUDA device if there is one, else the CPU), normalized, global crops
+    first. ``recipe`` sets crop sizes, scales and probabilities (default: the release's).
+    backend: "dali" (on the GPU when ``device`` is CUDA, else DALI's CPU operators),
+    "torchvision" (PIL in ``num_threads`` worker processes) or "auto" (DALI when installed);
+    the environment variable ``FASTDINO_DATA_BACKEND`` overrides it.
+    shard_id / num_shards: this rank's part of every epoch (torch.distributed rank and world
+    size). Every file is checked before the first batch: bad ones raise ``ImageFolderError``
+    naming them, or are left out and counted with ``skip_bad_files=True``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    if n_local_crops < 0:
+        raise ValueError(f"n_local_crops={n_local_crops}: must be >= 0")
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id={shard_id} must be in [0, num_shards={num_shards})")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype={dtype}: choose torch.float32, torch.float16 or torch.bfloat16")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    chosen = resolve_data_backend(backend)
+    num_threads = num_threads or len(os.sched_getaffinity(0))
+    index = scan_images(data_path, skip_bad_files=skip_bad_files, verbose=verbose and shard_id == 0)
+    plan = BatchPlan(index, batch_size, recipe or MultiCropRecipe(), n_local_crops, seed, shard_id,
+                     num_shards, drop_last)
+    loader = MultiCropLoader(plan, chosen, device, dtype, num_threads)
+    if verbose and shard_id == 0:
+        skipped = f", {len(index.skipped)} bad files skipped" if index.skipped else ""
+        print(f"fastdino.data: {loader.backend} backend, {len(index)} images{skipped}, "
+              f"{num_shards} shard(s) of {len(loader)} batches of {batch_size}, "
+              f"2+{n_local_crops} crops, {num_threads} threads", file=sys.stderr, flush=True)
+    return loader
