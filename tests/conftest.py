@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # The tests choose backends themselves; a process-wide override would silently redirect them.
 os.environ.pop("FASTDINO_BACKEND", None)
+os.environ.pop("FASTDINO_DATA_BACKEND", None)
 
 import pytest  # noqa: E402
 
@@ -36,6 +37,10 @@ def pytest_sessionstart(session):
         broken = {name: why for name, why in status.items() if name in ("cpp", "triton") and why != "available"}
         if broken:
             raise pytest.UsageError(f"CI=true but fused backends are unavailable: {broken}")
+        from fastdino.data import dali_available
+
+        if not dali_available():
+            raise pytest.UsageError("CI=true but DALI does not import: the DALI data backend would go untested")
 
 
 def backend_params(*names):

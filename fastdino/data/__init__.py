@@ -15,19 +15,18 @@ torchvision/PIL fallback; both apply the augmentation draws of ``recipe.py``, so
 only on (seed, epoch, shard, step). DALI, PIL and torchvision are imported on first use.
 """
 
-from .image_files import ImageFolderError, ImageIndex, check_image_file, list_image_files, scan_images
+from .image_files import DataLoadingError, ImageFolderError, ImageIndex, check_image_file, list_image_files, scan_images
 from .loader import (
     DATA_BACKEND_ENV_VAR,
     DATA_BACKENDS,
     BatchPlan,
-    DataLoadingError,
     MultiCropLoader,
     build_multicrop_loader,
     dali_available,
     resolve_data_backend,
 )
 from .recipe import CropParameters, MultiCropRecipe, random_resized_crop_boxes, sample_crop_parameters
-from .synthetic import write_synthetic_image_folder
+from .synthetic import write_sample_photo_folder, write_synthetic_image_folder
 
 __all__ = [
     "BatchPlan",
@@ -47,5 +46,6 @@ __all__ = [
     "resolve_data_backend",
     "sample_crop_parameters",
     "scan_images",
+    "write_sample_photo_folder",
     "write_synthetic_image_folder",
 ]

@@ -114,7 +114,9 @@ def build_dali_pipeline(source, recipe: MultiCropRecipe, n_local_crops: int, bat
         if recipe.color_jitter_probability > 0:
             image = adjust_colors(image, params)
         if recipe.grayscale_probability > 0 and params[_GRAYSCALE] > 0.5:
-            image = fn.saturation(image, saturation=0.0)
+            # the luma in all three channels, bit-equal (a later solarization keeps it gray)
+            gray = sum(image[:, :, c] * _LUMA[c] for c in range(3))
+            image = fn.reshape(fn.stack(gray, gray, gray, axis=2), layout="HWC")
         if recipe.blur_probabilities[crop_kind] > 0 and params[_BLUR] > 0.5:
             image = fn.gaussian_blur(image, window_size=recipe.blur_kernel_size, sigma=params[_SIGMA])
         if recipe.solarize_probabilities[crop_kind] > 0 and params[_SOLARIZE] > 0.5:

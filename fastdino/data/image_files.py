@@ -28,6 +28,10 @@ class ImageFolderError(ValueError):
     """The data path is missing, empty, or holds files that cannot be used."""
 
 
+class DataLoadingError(RuntimeError):
+    """A batch could not be produced during training; the message names the file(s)."""
+
+
 @dataclass
 class ImageIndex:
     """The usable images: paths, integer labels (-1 when unlabeled) and sizes (height, width)."""
@@ -138,8 +142,7 @@ def scan_images(data_path: str | os.PathLike, skip_bad_files: bool = False,
         more = f"\n  ... and {len(bad) - _LISTED_BAD_FILES} more" if len(bad) > _LISTED_BAD_FILES else ""
         raise ImageFolderError(
             f"{len(bad)} of {len(paths)} files under {str(data_path)!r} cannot be used:\n{listed}{more}\n"
-            f"Remove or fix them, or pass skip_bad_files=True (train: data_skip_bad_files=true) "
-            f"to train without them.")
+            f"Remove or fix them, or pass skip_bad_files=True to train without them.")
     keep = [i for i, result in enumerate(results) if not isinstance(result, str)]
     if not keep:
         raise ImageFolderError(f"none of the {len(paths)} files under {str(data_path)!r} is a usable image")

@@ -17,15 +17,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .image_files import ImageIndex, scan_images
+from .image_files import DataLoadingError, ImageIndex, scan_images
 from .recipe import MultiCropRecipe, batch_generator, sample_crop_parameters
 
 DATA_BACKENDS = ("auto", "dali", "torchvision")
 DATA_BACKEND_ENV_VAR = "FASTDINO_DATA_BACKEND"
-
-
-class DataLoadingError(RuntimeError):
-    """A batch could not be produced; the message names its files."""
 
 
 def dali_available() -> bool:
@@ -184,10 +180,9 @@ def _dali_stream(plan: BatchPlan, positions, device, dtype, num_threads):
         except Exception as error:
             paths = in_flight[0] if in_flight else []
             raise DataLoadingError(
-                f"DALI failed on a batch of {len(paths)} images ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}); its files: {paths}. A file "
-                f"that passed the header check may still be corrupt: remove it, or run with the "
-                f"torchvision backend to find it") from error
+                f"DALI failed on a batch of these {len(paths)} files: {paths}. If the error below "
+                f"is a decoding error, one of them is corrupt beyond its header (the torchvision "
+                f"backend names the file): remove it.\n{type(error).__name__}: {error}") from error
         in_flight.popleft()
         yield dali_outputs_to_torch(outputs, device, dtype)
 
@@ -210,8 +205,11 @@ def _torchvision_stream(plan: BatchPlan, positions, device, dtype, num_threads):
     on_gpu = device.type == "cuda"
     dataset = MultiCropBatches(plan.recipe, plan.recipe.crop_sizes(plan.n_local_crops))
     workers = num_threads if num_threads > 1 else 0
+    # forkserver, not fork: forking a process whose DALI, OpenMP or CUDA threads hold locks can
+    # deadlock the workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=_Requests(plan, positions),
-                                         num_workers=workers, pin_memory=on_gpu)
+                                         num_workers=workers, pin_memory=on_gpu,
+                                         multiprocessing_context="forkserver" if workers else None)
     for uint8_crops in loader:
         yield normalize_uint8_crops(uint8_crops, plan.recipe, device, dtype)
 

@@ -47,3 +47,43 @@ def write_synthetic_image_folder(path: str | os.PathLike, n_images: int = 64,
         folder.mkdir(parents=True, exist_ok=True)
         image.filter(ImageFilter.GaussianBlur(1)).save(folder / f"image_{index:05d}.jpg", quality=90)
     return root
+
+
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina",
+                 "hubble_deep_field", "camera")
+
+
+def write_sample_photo_folder(path: str | os.PathLike, n_images: int = 32,
+                              image_size: tuple[int, int] = (500, 375), seed: int = 0,
+                              quality: int = 90) -> Path:
+    """Write ``n_images`` JPEGs of real photographs at ImageNet-like size (width, height) into
+    ``path/<photo name>/``: random crops of scikit-image's bundled sample photos, resized.
+
+    Real photos decode and compress unlike generated images, so benchmarks and tests of the
+    decoders use these. Needs scikit-image (``pip install scikit-image``).
+    """
+    try:
+        import skimage.data
+    except ImportError as error:
+        raise ImportError("write_sample_photo_folder needs scikit-image's sample photos: "
+                          "pip install scikit-image") from error
+    from PIL import Image
+
+    root = Path(path)
+    generator = np.random.default_rng(seed)
+    photos = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in SAMPLE_PHOTOS]
+    width, height = image_size
+    for index in range(n_images):
+        label = index % len(photos)
+        photo = photos[label]
+        # a random crop with the output's aspect ratio, 60-100% of the photo's shorter fit
+        fit = min(photo.width / width, photo.height / height)
+        scale = fit * generator.uniform(0.6, 1.0)
+        crop_w, crop_h = int(width * scale), int(height * scale)
+        left = int(generator.integers(0, photo.width - crop_w + 1))
+        top = int(generator.integers(0, photo.height - crop_h + 1))
+        image = photo.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.BICUBIC)
+        folder = root / SAMPLE_PHOTOS[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"photo_{index:05d}.jpg", quality=quality)
+    return root

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .image_files import DataLoadingError
 from .recipe import BRIGHTNESS, CONTRAST, HUE, SATURATION, CropParameters, MultiCropRecipe
 
 
@@ -30,8 +31,11 @@ def _import_torchvision():
 def load_rgb_image(path: str):
     """The image as 8-bit RGB (grayscale, palette, CMYK and RGBA converted), like ImageFolder."""
     _, Image, _, _ = _import_torchvision()
-    with open(path, "rb") as file:
-        return Image.open(file).convert("RGB")
+    try:
+        with open(path, "rb") as file:
+            return Image.open(file).convert("RGB")
+    except OSError as error:  # includes PIL's decoding errors on data corrupt past the header
+        raise DataLoadingError(f"cannot decode {path}: {error}") from error
 
 
 def augment_crop(image, crop: CropParameters, index: int, size: int, recipe: MultiCropRecipe):

@@ -1,0 +1,210 @@
+"""The multi-crop loader on both backends: contract, augmentations as drawn, order, resume.
+
+Runs on real photographs (scikit-image's samples) and on generated colourful images. DALI runs
+on its CPU operators here; the GPU pipeline is the same graph with the "mixed" decoder
+(tests marked gpu).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from fastdino.data import (
+    DATA_BACKEND_ENV_VAR,
+    MultiCropRecipe,
+    build_multicrop_loader,
+    dali_available,
+    resolve_data_backend,
+    write_sample_photo_folder,
+    write_synthetic_image_folder,
+)
+
+pytest.importorskip("PIL")
+SMALL = dict(global_crop_size=40, local_crop_size=24)
+PLAIN = dict(color_jitter_probability=0.0, grayscale_probability=0.0, blur_probabilities=(0, 0, 0),
+             solarize_probabilities=(0, 0, 0))
+BACKENDS = [pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI is not installed")),
+            "torchvision"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    pytest.importorskip("skimage")
+    return write_sample_photo_folder(tmp_path_factory.mktemp("photos"), n_images=24, image_size=(200, 150))
+
+
+@pytest.fixture(scope="module")
+def colorful(tmp_path_factory):
+    return write_synthetic_image_folder(tmp_path_factory.mktemp("colorful"), n_images=12, image_size=(96, 72))
+
+
+def make_loader(folder, backend, batch_size=6, n_local_crops=2, num_threads=1, **recipe_fields):
+    recipe = MultiCropRecipe(**{**SMALL, **recipe_fields})
+    return build_multicrop_loader(folder, batch_size, n_local_crops=n_local_crops, backend=backend,
+                                  recipe=recipe, num_threads=num_threads, verbose=False, seed=5)
+
+
+def to_uint8_levels(crop, recipe=MultiCropRecipe()):
+    """Normalized crops back to 0..255 levels."""
+    mean = torch.tensor(recipe.mean).view(1, 3, 1, 1)
+    std = torch.tensor(recipe.std).view(1, 3, 1, 1)
+    return (crop.float() * std + mean) * 255
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batches_follow_the_contract(photos, backend, dtype):
+    loader = build_multicrop_loader(photos, 4, n_local_crops=3, backend=backend, dtype=dtype, num_threads=2,
+                                    recipe=MultiCropRecipe(**SMALL), verbose=False)
+    assert loader.backend == {"dali": "dali-cpu", "torchvision": "torchvision"}[backend]
+    assert len(loader) == 6 and loader.num_images == 24
+    batches = list(loader)
+    assert len(batches) == 6
+    for crops in batches:
+        assert [tuple(c.shape) for c in crops] == [(4, 3, 40, 40)] * 2 + [(4, 3, 24, 24)] * 3
+        assert all(c.dtype == dtype and c.device.type == "cpu" for c in crops)
+        for crop in crops:
+            levels = to_uint8_levels(crop)
+            slack = 1.5 if dtype == torch.bfloat16 else 0.01  # bf16 keeps 8 bits of mantissa
+            assert levels.min() >= -slack and levels.max() <= 255 + slack
+    assert loader.state_dict() == {"epoch": 1, "step": 0}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_size_photos_with_the_release_recipe(tmp_path, backend):
+    pytest.importorskip("skimage")
+    folder = write_sample_photo_folder(tmp_path, n_images=4, image_size=(500, 375))
+    crops = next(iter(build_multicrop_loader(folder, 4, n_local_crops=2, backend=backend, num_threads=2,
+                                             verbose=False)))
+    assert [tuple(c.shape) for c in crops] == [(4, 3, 224, 224)] * 2 + [(4, 3, 96, 96)] * 2
+    for crop in crops:
+        # normalized photos: per-channel means within a couple of standard deviations of 0
+        assert crop.mean(dim=(0, 2, 3)).abs().max() < 2 and 0.1 < crop.std() < 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_crops_apply_their_draws(colorful, backend):
+    """Grayscale and solarization land on exactly the crops whose draws say so, in crop order."""
+    fields = {**PLAIN, "grayscale_probability": 0.5, "solarize_probabilities": (0.0, 0.5, 0.0)}
+    loader = make_loader(colorful, backend, **fields)
+    plain = make_loader(colorful, backend, **PLAIN)
+    _, draws = loader.plan.request(0, 0)
+    crops, plain_crops = next(iter(loader)), next(iter(plain))
+    for index, (crop, draw) in enumerate(zip(crops, draws)):
+        levels = to_uint8_levels(crop)
+        is_gray = (levels.amax(dim=1) - levels.amin(dim=1)).flatten(1).amax(dim=1) < 1.0
+        assert is_gray.tolist() == draw.grayscale.tolist(), f"crop {index}"
+        changed = (crop - plain_crops[index]).abs().flatten(1).amax(dim=1) > 0.05
+        # solarization only on the second global crop; grayscale changes the others
+        assert changed.tolist() == (draw.grayscale | draw.solarize).tolist(), f"crop {index}"
+        assert index == 1 or not draw.solarize.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flip_mirrors_the_crop(colorful, backend):
+    flipped = next(iter(make_loader(colorful, backend, **{**PLAIN, "flip_probability": 1.0})))
+    unflipped = next(iter(make_loader(colorful, backend, **{**PLAIN, "flip_probability": 0.0})))
+    for a, b in zip(flipped, unflipped):
+        torch.testing.assert_close(a, b.flip(-1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI is not installed")
+def test_dali_and_torchvision_cut_the_same_crops(photos):
+    dali_crops = next(iter(make_loader(photos, "dali", **PLAIN)))
+    torchvision_crops = next(iter(make_loader(photos, "torchvision", **PLAIN)))
+    for a, b in zip(dali_crops, torchvision_crops):
+        # both bicubic from the same boxes; they differ by interpolation rounding only
+        assert (a - b).abs().mean() < 0.01
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_seed_fixes_every_batch_and_threads_change_nothing(photos, backend):
+    first = list(make_loader(photos, backend, num_threads=1))
+    again = list(make_loader(photos, backend, num_threads=2))
+    for crops_a, crops_b in zip(first, again):
+        for a, b in zip(crops_a, crops_b):
+            assert torch.equal(a, b)
+    other_seed = build_multicrop_loader(photos, 6, n_local_crops=2, backend=backend, seed=6, num_threads=1,
+                                        recipe=MultiCropRecipe(**SMALL), verbose=False)
+    assert not torch.equal(next(iter(other_seed))[0], first[0][0])
+
+
+def test_shards_are_disjoint_and_cover_every_epoch(photos):
+    plans = [build_multicrop_loader(photos, 2, backend="torchvision", shard_id=k, num_shards=3, seed=1,
+                                    verbose=False).plan for k in range(3)]
+    for epoch in (0, 1):
+        orders = [plan.shard_order(epoch) for plan in plans]
+        assert all(len(order) == 8 for order in orders)
+        assert sorted(np.concatenate(orders).tolist()) == list(range(24))
+        batches = [np.concatenate([plan.batch_indices(epoch, step) for step in range(4)]) for plan in plans]
+        assert all((b == o).all() for b, o in zip(batches, orders))
+    assert not (plans[0].shard_order(0) == plans[0].shard_order(1)).all(), "each epoch is reshuffled"
+
+
+def test_uneven_shards_drop_the_remainder_and_partial_batches(photos):
+    loader = build_multicrop_loader(photos, 5, backend="torchvision", num_shards=5, shard_id=4, verbose=False,
+                                    drop_last=False)
+    assert loader.plan.images_per_shard == 4 and len(loader) == 1
+    with pytest.raises(ValueError, match="fewer than batch_size=5"):
+        build_multicrop_loader(photos, 5, backend="torchvision", num_shards=5, verbose=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_continues_with_the_next_unseen_batch(photos, backend):
+    uninterrupted = make_loader(photos, backend, batch_size=5)  # 4 batches per epoch
+    epoch_0 = list(uninterrupted)
+    epoch_1 = list(uninterrupted)
+    assert uninterrupted.state_dict() == {"epoch": 2, "step": 0}
+
+    interrupted = make_loader(photos, backend, batch_size=5)
+    for step, crops in enumerate(interrupted):
+        if step == 1:
+            break
+    state = interrupted.state_dict()
+    assert state == {"epoch": 0, "step": 2}
+    continued = list(interrupted)  # the same loader goes on where it stopped
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(continued, epoch_0[2:]))
+
+    resumed = make_loader(photos, backend, batch_size=5)
+    resumed.load_state_dict({"epoch": 1, "step": 3})
+    rest = list(resumed)
+    assert len(rest) == 1 and all(torch.equal(a, b) for a, b in zip(rest[0], epoch_1[3]))
+    resumed.set_epoch(0)
+    assert torch.equal(next(iter(resumed))[2], epoch_0[0][2])
+    with pytest.raises(ValueError, match="step=9"):
+        resumed.load_state_dict({"epoch": 0, "step": 9})
+
+
+def test_backend_choice_and_the_environment_override(monkeypatch):
+    assert resolve_data_backend("torchvision") == "torchvision"
+    assert resolve_data_backend("auto") == ("dali" if dali_available() else "torchvision")
+    monkeypatch.setenv(DATA_BACKEND_ENV_VAR, "torchvision")
+    assert resolve_data_backend("dali") == "torchvision"
+    monkeypatch.setenv(DATA_BACKEND_ENV_VAR, "pillow")
+    with pytest.raises(ValueError, match=f"{DATA_BACKEND_ENV_VAR}='pillow'"):
+        resolve_data_backend("auto")
+
+
+@pytest.mark.parametrize("argument, value, message", [
+    ("batch_size", 0, "batch_size=0"), ("n_local_crops", -1, "n_local_crops=-1"),
+    ("shard_id", 3, "shard_id=3"), ("dtype", torch.int8, "dtype=torch.int8"),
+])
+def test_bad_arguments_are_named(colorful, argument, value, message):
+    arguments = dict(batch_size=2, shard_id=0, num_shards=2, n_local_crops=2, dtype=torch.float32)
+    arguments[argument] = value
+    batch_size = arguments.pop("batch_size")
+    with pytest.raises(ValueError, match=message):
+        build_multicrop_loader(colorful, batch_size, backend="torchvision", verbose=False, **arguments)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not dali_available(), reason="needs a GPU and DALI")
+def test_dali_gpu_matches_dali_cpu(photos):
+    gpu = build_multicrop_loader(photos, 6, n_local_crops=2, backend="dali", device="cuda", seed=5,
+                                 recipe=MultiCropRecipe(**SMALL), verbose=False)
+    cpu = make_loader(photos, "dali")
+    assert gpu.backend == "dali-gpu"
+    for a, b in zip(next(iter(gpu)), next(iter(cpu))):
+        assert a.device.type == "cuda"
+        # nvJPEG and libjpeg-turbo may differ by a level here and there
+        assert (a.cpu() - b).abs().mean() < 0.02
