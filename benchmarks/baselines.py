@@ -65,3 +65,63 @@ def vit_dino_parameter_shapes(embed_dim=384, depth=12, patch_size=8, img_size=22
     shapes += [(hidden_dim, embed_dim), (hidden_dim,), (hidden_dim, hidden_dim), (hidden_dim,),
                (bottleneck_dim, hidden_dim), (bottleneck_dim,), (out_dim, 1), (out_dim, bottleneck_dim)]
     return shapes
+
+
+def release_multicrop_loader(data_path, batch_size, n_local_crops, num_workers, global_crop_size=224,
+                             local_crop_size=96):
+    """The release's ``DataAugmentationDINO`` on torchvision's ``ImageFolder`` in a DataLoader
+    (main_dino.py, utils.GaussianBlur / Solarization), with the same default scales."""
+    import random
+
+    from PIL import ImageFilter, ImageOps
+    from torchvision import datasets, transforms
+
+    class GaussianBlur:
+        def __init__(self, p=0.5, radius_min=0.1, radius_max=2.0):
+            self.prob, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+        def __call__(self, img):
+            if random.random() > self.prob:
+                return img
+            return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+    class Solarization:
+        def __init__(self, p):
+            self.p = p
+
+        def __call__(self, img):
+            return ImageOps.solarize(img) if random.random() < self.p else img
+
+    class DataAugmentationDINO:
+        def __init__(self, global_crops_scale, local_crops_scale, local_crops_number):
+            flip_and_color_jitter = transforms.Compose([
+                transforms.RandomHorizontalFlip(p=0.5),
+                transforms.RandomApply([transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                                       p=0.8),
+                transforms.RandomGrayscale(p=0.2),
+            ])
+            normalize = transforms.Compose([
+                transforms.ToTensor(),
+                transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            ])
+            bicubic = transforms.InterpolationMode.BICUBIC
+            self.global_transfo1 = transforms.Compose([
+                transforms.RandomResizedCrop(global_crop_size, scale=global_crops_scale, interpolation=bicubic),
+                flip_and_color_jitter, GaussianBlur(1.0), normalize])
+            self.global_transfo2 = transforms.Compose([
+                transforms.RandomResizedCrop(global_crop_size, scale=global_crops_scale, interpolation=bicubic),
+                flip_and_color_jitter, GaussianBlur(0.1), Solarization(0.2), normalize])
+            self.local_crops_number = local_crops_number
+            self.local_transfo = transforms.Compose([
+                transforms.RandomResizedCrop(local_crop_size, scale=local_crops_scale, interpolation=bicubic),
+                flip_and_color_jitter, GaussianBlur(p=0.5), normalize])
+
+        def __call__(self, image):
+            crops = [self.global_transfo1(image), self.global_transfo2(image)]
+            crops += [self.local_transfo(image) for _ in range(self.local_crops_number)]
+            return crops
+
+    dataset = datasets.ImageFolder(data_path, transform=DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), n_local_crops))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available(), drop_last=True,
+                                       persistent_workers=num_workers > 0)

@@ -123,6 +123,7 @@ class Case:
     baselines: list[str]  # providers that speedups are reported against
     targets: list[Target] = field(default_factory=list)
     bytes_moved: int | None = None  # the fewest bytes the op must move (for GB/s)
+    items_per_run: int | None = None  # images one timed run processes (for img/s)
     repeats: int = 10
 
 

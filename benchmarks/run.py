@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 import bench_clip_grad
+import bench_data
 import bench_dino_loss
 import bench_ema
 import bench_models
 from fastdino.ops import backend_status
 from measure import Measurement, device_name, machine, time_function, versions
 
-SUITES = {"ops": (bench_dino_loss, bench_ema, bench_clip_grad), "models": (bench_models,)}
+SUITES = {"ops": (bench_dino_loss, bench_ema, bench_clip_grad), "models": (bench_models,), "data": (bench_data,)}
 NOISY_SPREAD = 0.2
 
 
@@ -71,6 +72,8 @@ def case_markdown(case, results):
     header = ["provider", "median ms", "p20 ms", "p80 ms"]
     if case.bytes_moved:
         header.append("GB/s")
+    if case.items_per_run:
+        header.append("img/s")
     header += [f"x vs {baseline}" for baseline in case.baselines]
     lines = [f"### {case.name} ({case.dtype}, {sizes})", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
@@ -79,6 +82,8 @@ def case_markdown(case, results):
                  f"{measurement.median:.2f}", f"{measurement.percentile(0.2):.2f}", f"{measurement.percentile(0.8):.2f}"]
         if case.bytes_moved:
             cells.append(f"{case.bytes_moved / measurement.median / 1e6:.1f}")
+        if case.items_per_run:
+            cells.append(f"{case.items_per_run / measurement.median * 1e3:.0f}")
         cells += [f"{speedup(results, name, baseline):.2f}" for baseline in case.baselines]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -109,12 +109,18 @@ def test_flip_mirrors_the_crop(colorful, backend):
 
 
 @pytest.mark.skipif(not dali_available(), reason="DALI is not installed")
-def test_dali_and_torchvision_cut_the_same_crops(photos):
-    dali_crops = next(iter(make_loader(photos, "dali", **PLAIN)))
-    torchvision_crops = next(iter(make_loader(photos, "torchvision", **PLAIN)))
+@pytest.mark.parametrize("fields, bound", [
+    ({}, 0.01),  # both bicubic from the same boxes: interpolation rounding only
+    ({"color_jitter_probability": 1.0, "hue": 0.0}, 0.05),  # plus PIL's 8-bit rounding between adjustments
+    ({"color_jitter_probability": 1.0, "brightness": 0, "contrast": 0, "saturation": 0}, 0.25),  # hue approximation
+    ({"blur_probabilities": (1.0, 1.0, 1.0)}, 0.02),  # Gaussian taps vs PIL's box approximation
+], ids=["crop", "jitter", "hue", "blur"])
+def test_dali_agrees_with_the_release_pil_operations(photos, fields, bound):
+    """Mean differences in normalized units (1/255 level is about 0.017) on the same draws."""
+    dali_crops = next(iter(make_loader(photos, "dali", **{**PLAIN, **fields})))
+    torchvision_crops = next(iter(make_loader(photos, "torchvision", **{**PLAIN, **fields})))
     for a, b in zip(dali_crops, torchvision_crops):
-        # both bicubic from the same boxes; they differ by interpolation rounding only
-        assert (a - b).abs().mean() < 0.01
+        assert (a - b).abs().mean() < bound
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

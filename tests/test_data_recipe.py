@@ -120,3 +120,36 @@ def test_draws_depend_only_on_their_key():
 def test_bad_recipe_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         MultiCropRecipe(**{field: value})
+
+
+def test_dali_color_map_composes_the_adjustments_in_the_drawn_order(numpy_generator):
+    """A x + P mu + q equals the adjustments applied one after another (before clamping)."""
+    from fastdino.data.dali_pipeline import color_transform
+
+    sizes = np.full((64, 2), 100)
+    crop = sample_crop_parameters(MultiCropRecipe(color_jitter_probability=0.9), 0, sizes, numpy_generator)[0]
+    luma = np.array([0.299, 0.587, 0.114])
+    for index in range(64):
+        pixels = numpy_generator.uniform(0, 255, (50, 3))
+        expected = pixels.copy()
+        for adjustment in crop.jitter_order[index]:
+            if adjustment == BRIGHTNESS:
+                expected = expected * crop.brightness[index]
+            elif adjustment == CONTRAST:
+                mean_luma = (expected @ luma).mean()
+                expected = crop.contrast[index] * expected + (1 - crop.contrast[index]) * mean_luma
+            elif adjustment == SATURATION:
+                gray = (expected @ luma)[:, None]
+                expected = crop.saturation[index] * expected + (1 - crop.saturation[index]) * gray
+            elif adjustment == HUE:
+                # rotation about the gray axis keeps the gray component and turns the rest
+                angle = 2 * np.pi * crop.hue[index]
+                axis = np.ones(3) / np.sqrt(3)
+                along = (expected @ axis)[:, None] * axis
+                across = expected - along
+                expected = along + np.cos(angle) * across + np.sin(angle) * np.cross(axis, across)
+        if crop.grayscale[index]:
+            expected = np.repeat((expected @ luma)[:, None], 3, axis=1)
+        linear, from_mean, offset = color_transform(crop, index)
+        got = pixels @ linear.T + from_mean @ pixels.mean(axis=0) + offset[0]
+        np.testing.assert_allclose(got, expected, atol=1e-6 * 255)

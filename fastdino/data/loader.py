@@ -167,7 +167,8 @@ def _dali_stream(plan: BatchPlan, positions, device, dtype, num_threads):
         paths, crops = plan.request(*next(positions))
         in_flight.append(paths)
         encoded = [np.fromfile(path, dtype=np.uint8) for path in paths]
-        return (encoded, *(list(pack_crop_parameters(crop)) for crop in crops))
+        per_crop = [list(array) for crop in crops for array in pack_crop_parameters(crop, plan.recipe.blur_kernel_size)]
+        return (encoded, *per_crop)
 
     on_gpu = device.type == "cuda"
     pipeline = build_dali_pipeline(
