@@ -129,6 +129,7 @@ def test_dali_color_map_composes_the_adjustments_in_the_drawn_order(numpy_genera
     sizes = np.full((64, 2), 100)
     crop = sample_crop_parameters(MultiCropRecipe(color_jitter_probability=0.9), 0, sizes, numpy_generator)[0]
     luma = np.array([0.299, 0.587, 0.114])
+    linear, from_mean, offset = color_transform(crop)
     for index in range(64):
         pixels = numpy_generator.uniform(0, 255, (50, 3))
         expected = pixels.copy()
@@ -150,6 +151,5 @@ def test_dali_color_map_composes_the_adjustments_in_the_drawn_order(numpy_genera
                 expected = along + np.cos(angle) * across + np.sin(angle) * np.cross(axis, across)
         if crop.grayscale[index]:
             expected = np.repeat((expected @ luma)[:, None], 3, axis=1)
-        linear, from_mean, offset = color_transform(crop, index)
-        got = pixels @ linear.T + from_mean @ pixels.mean(axis=0) + offset[0]
+        got = pixels @ linear[index].T + from_mean[index] @ pixels.mean(axis=0) + offset[index]
         np.testing.assert_allclose(got, expected, atol=1e-6 * 255)

@@ -75,45 +75,51 @@ def pack_crop_parameters(crop: CropParameters, blur_kernel_size: int) -> tuple[n
     # blur (the costliest augmentation on a CPU) 2.5x cheaper on average
     packed[:, _WINDOW] = np.minimum(blur_kernel_size, 2 * np.ceil(3 * crop.blur_sigma) + 1)
     packed[:, _SOLARIZE] = crop.solarize
-    colors = np.stack([np.concatenate(color_transform(crop, i)) for i in range(len(crop.box))])
-    return packed, colors.astype(np.float32)
+    linear, from_mean, offset = color_transform(crop)
+    return packed, np.concatenate([linear, from_mean, offset[:, None]], axis=1).astype(np.float32)
 
 
-def color_transform(crop: CropParameters, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(A, P, q[None]) with jittered-and-grayscaled colour = A x + P mu + q, for pixels x and the
-    crop's mean colour mu (RGB column vectors, 0..255)."""
-    linear, from_mean, offset = np.eye(3), np.zeros((3, 3)), np.zeros(3)
+def color_transform(crop: CropParameters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A, P, q), each (B, 3, 3) / (B, 3, 3) / (B, 3): the jittered-and-grayscaled colour of
+    pixel x is A x + P mu + q, with mu the crop's mean colour (RGB, 0..255). Vectorized over the
+    batch: this runs on the host for every crop of every batch."""
+    batch = len(crop.box)
+    identity = np.broadcast_to(np.eye(3), (batch, 3, 3))
+    to_luma = np.outer(_ONES, _LUMA)  # x -> its luma in all three channels
+    linear, from_mean, offset = identity.copy(), np.zeros((batch, 3, 3)), np.zeros((batch, 3))
 
-    def apply(matrix):
-        nonlocal linear, from_mean, offset
-        linear, from_mean, offset = matrix @ linear, matrix @ from_mean, matrix @ offset
+    def scalars(values):
+        return np.asarray(values, dtype=np.float64)[:, None, None]
 
-    for adjustment in crop.jitter_order[index]:
-        if adjustment == BRIGHTNESS:
-            apply(crop.brightness[index] * np.eye(3))
-        elif adjustment == CONTRAST:
-            # blend with the mean luma of the current image, g . ((A + P) mu + q)
-            factor = float(crop.contrast[index])
-            to_mean_luma = np.outer(_ONES, _LUMA)
-            linear, from_mean, offset = (factor * linear,
-                                         factor * from_mean + (1 - factor) * to_mean_luma @ (linear + from_mean),
-                                         factor * offset + (1 - factor) * to_mean_luma @ offset)
-        elif adjustment == SATURATION:
-            factor = float(crop.saturation[index])
-            apply(factor * np.eye(3) + (1 - factor) * np.outer(_ONES, _LUMA))
-        elif adjustment == HUE:
-            apply(_gray_axis_rotation(2 * np.pi * float(crop.hue[index])))
-    if crop.grayscale[index]:
-        apply(np.outer(_ONES, _LUMA))
-    return linear, from_mean, offset[None]
+    for stage in range(4):
+        adjustment = crop.jitter_order[:, stage]
+        matrix = identity.copy()
+        brightness, saturation, hue = (adjustment == BRIGHTNESS, adjustment == SATURATION, adjustment == HUE)
+        matrix[brightness] = scalars(crop.brightness[brightness]) * np.eye(3)
+        factor = scalars(crop.saturation[saturation])
+        matrix[saturation] = factor * np.eye(3) + (1 - factor) * to_luma
+        matrix[hue] = _gray_axis_rotation(2 * np.pi * crop.hue[hue].astype(np.float64))
+        linear, from_mean, offset = matrix @ linear, matrix @ from_mean, np.einsum("bij,bj->bi", matrix, offset)
+        # contrast blends with the mean luma of the current image, g . ((A + P) mu + q)
+        contrast = adjustment == CONTRAST
+        factor = scalars(crop.contrast[contrast])
+        linear[contrast], from_mean[contrast], offset[contrast] = (
+            factor * linear[contrast],
+            factor * from_mean[contrast] + (1 - factor) * to_luma @ (linear[contrast] + from_mean[contrast]),
+            factor[:, :, 0] * offset[contrast] + (1 - factor[:, :, 0]) * offset[contrast] @ to_luma.T)
+    gray = crop.grayscale
+    linear[gray], from_mean[gray], offset[gray] = (to_luma @ linear[gray], to_luma @ from_mean[gray],
+                                                   offset[gray] @ to_luma.T)
+    return linear, from_mean, offset
 
 
-def _gray_axis_rotation(angle: float) -> np.ndarray:
-    """Rotation of RGB space by ``angle`` about the gray axis (1, 1, 1): red towards green for
-    positive angles, as a positive HSV hue shift."""
+def _gray_axis_rotation(angles: np.ndarray) -> np.ndarray:
+    """(N, 3, 3) rotations of RGB space by ``angles`` about the gray axis (1, 1, 1) (Rodrigues'
+    formula): red towards green for positive angles, as a positive HSV hue shift."""
     axis = _ONES / np.sqrt(3)
     cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.cos(angle) * np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * np.outer(axis, axis)
+    cos, sin = np.cos(angles)[:, None, None], np.sin(angles)[:, None, None]
+    return cos * np.eye(3) + sin * cross + (1 - cos) * np.outer(axis, axis)
 
 
 def build_dali_pipeline(source, recipe: MultiCropRecipe, n_local_crops: int, batch_size: int,
