@@ -29,28 +29,12 @@ import torch
 
 from fastdino.models import create_backbone, xformers_status
 from fastdino.models.vision_transformer import batch_same_size_crops
-from measure import Case, Provider, Target, device_name, time_function
+from measure import Case, Provider, Target, device_name, peak_flops, time_function
 
 MODELS = {"ViT-S/16": ("vit_small_p16", "vit_small_patch16_224"),
           "ViT-S/8": ("vit_small_p8", "vit_small_patch8_224")}
 N_LOCAL_CROPS = 10
 DROP_PATH_RATE = 0.1
-# Dense bfloat16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched in order
-# against torch.cuda.get_device_name(); FASTDINO_PEAK_TFLOPS overrides for other devices.
-PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-                   ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12))
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's peak FLOP/s for the benchmark's dtype, or None where unknown (the CPU)."""
-    if os.environ.get("FASTDINO_PEAK_TFLOPS"):
-        return float(os.environ["FASTDINO_PEAK_TFLOPS"]) * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
-
-
 def settings(device: torch.device, quick: bool) -> dict:
     if device.type == "cuda":
         return dict(batch=16 if quick else 64, global_size=224, local_size=96, dtype=torch.bfloat16)
@@ -126,7 +110,8 @@ def _case(label: str, device: torch.device, quick: bool) -> Case:
         suite="models", name=f"{label} multi-crop fwd+bwd", dtype=str(dtype).replace("torch.", ""),
         sizes={"batch": batch, "crops": f"2x{config['global_size']}+{N_LOCAL_CROPS}x{config['local_size']}",
                "GFLOP/step": round(multicrop_step_flops(model, batch, crop_sizes) / 1e9, 1)},
-        providers=providers, baselines=baselines, targets=targets,
+        providers=providers, baselines=baselines, targets=targets, items_per_run=batch,
+        flops_per_run=multicrop_step_flops(model, batch, crop_sizes),
         repeats=3 if device.type == "cpu" else (5 if quick else 20),
     )
 

@@ -73,6 +73,31 @@ def time_function(fn, device: torch.device, *, setup=None, warmup: int = 2, repe
     return times, peak
 
 
+# Dense bfloat16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched in order
+# against torch.cuda.get_device_name(); FASTDINO_PEAK_TFLOPS overrides for other devices.
+PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+                   ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12))
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's peak FLOP/s for the benchmark's dtype, or None where unknown (the CPU)."""
+    if os.environ.get("FASTDINO_PEAK_TFLOPS"):
+        return float(os.environ["FASTDINO_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
+    """Measured bytes/s of a large tensor copy (read + write): the memory roofline the ops are
+    held against (a practical peak, below the data sheet's)."""
+    source = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    target = torch.empty_like(source)
+    times, _ = time_function(lambda _: target.copy_(source), device, warmup=2, repeats=5)
+    return 2 * source.numel() * 4 / (sorted(times)[len(times) // 2] / 1e3)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -124,6 +149,7 @@ class Case:
     targets: list[Target] = field(default_factory=list)
     bytes_moved: int | None = None  # the fewest bytes the op must move (for GB/s)
     items_per_run: int | None = None  # images one timed run processes (for img/s)
+    flops_per_run: int | None = None  # model FLOPs of one timed run (for MFU on GPUs)
     repeats: int = 10
 
 

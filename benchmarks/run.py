@@ -4,8 +4,8 @@
     python benchmarks/run.py --quick          # about a minute: smaller sizes, fewer repeats
     python benchmarks/run.py --suite ops --out bench-out --check-targets
 
-Writes ``results.json`` (one row per measurement) and ``results.md`` (tables with speedups and
-the targets) to ``--out`` and prints the Markdown. Timings are medians of repeated runs after
+Writes ``results.json`` (one row per measurement), ``results.md`` (tables with speedups and the
+targets) and ``results.png`` (speedups per case, as bars) to ``--out`` and prints the Markdown. Timings are medians of repeated runs after
 warm-up, with p20/p80; a wide p20-p80 spread is flagged as noise.
 """
 
@@ -24,8 +24,10 @@ import bench_data
 import bench_dino_loss
 import bench_ema
 import bench_models
+import bench_train
 from fastdino.ops import backend_status
-from measure import Measurement, device_name, machine, time_function, versions
+from measure import Measurement, copy_bandwidth, device_name, machine, peak_flops, time_function, versions
+from plot import plot_report
 
 SUITES = {"ops": (bench_dino_loss, bench_ema, bench_clip_grad), "models": (bench_models,), "data": (bench_data,)}
 NOISY_SPREAD = 0.2
@@ -67,23 +69,37 @@ def speedup(results, provider, baseline):
     return results[baseline].median / results[provider].median
 
 
-def case_markdown(case, results):
-    sizes = ", ".join(f"{key}={value}" for key, value in case.sizes.items())
-    header = ["provider", "median ms", "p20 ms", "p80 ms"]
-    if case.bytes_moved:
-        header.append("GB/s")
+def derived_metrics(case, measurement, peaks) -> dict:
+    """Throughput figures of one measurement: img/s, GB/s and the fraction of the measured copy
+    bandwidth (ops that declare the bytes they must move), MFU (cases that declare their FLOPs,
+    on devices with a known peak)."""
+    seconds = measurement.median / 1e3
+    metrics = {}
     if case.items_per_run:
-        header.append("img/s")
+        metrics["images_per_s"] = case.items_per_run / seconds
+    if case.bytes_moved:
+        metrics["gbytes_per_s"] = case.bytes_moved / seconds / 1e9
+        metrics["copy_bandwidth_fraction"] = case.bytes_moved / seconds / peaks["copy_bandwidth"]
+    if case.flops_per_run and peaks["flops"]:
+        metrics["mfu"] = case.flops_per_run / seconds / peaks["flops"]
+    return metrics
+
+
+METRIC_COLUMNS = {"images_per_s": ("img/s", "{:.1f}"), "gbytes_per_s": ("GB/s", "{:.1f}"),
+                  "copy_bandwidth_fraction": ("% of copy BW", "{:.0%}"), "mfu": ("MFU", "{:.1%}")}
+
+
+def case_markdown(case, results, metrics):
+    sizes = ", ".join(f"{key}={value}" for key, value in case.sizes.items())
+    columns = [key for key in METRIC_COLUMNS if any(key in m for m in metrics.values())]
+    header = ["provider", "median ms", "p20 ms", "p80 ms"] + [METRIC_COLUMNS[key][0] for key in columns]
     header += [f"x vs {baseline}" for baseline in case.baselines]
     lines = [f"### {case.name} ({case.dtype}, {sizes})", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for name, measurement in results.items():
         cells = [name + (" (noisy)" if measurement.spread > NOISY_SPREAD else ""),
                  f"{measurement.median:.2f}", f"{measurement.percentile(0.2):.2f}", f"{measurement.percentile(0.8):.2f}"]
-        if case.bytes_moved:
-            cells.append(f"{case.bytes_moved / measurement.median / 1e6:.1f}")
-        if case.items_per_run:
-            cells.append(f"{case.items_per_run / measurement.median * 1e3:.0f}")
+        cells += [METRIC_COLUMNS[key][1].format(metrics[name][key]) if key in metrics[name] else "-" for key in columns]
         cells += [f"{speedup(results, name, baseline):.2f}" for baseline in case.baselines]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -95,14 +111,19 @@ def main(argv=None):
     suites = sorted(SUITES) if args.suite == "all" else [args.suite]
     print(f"fastdino benchmarks on {device_name(device)}; backends: "
           + ", ".join(f"{k}={'yes' if v == 'available' else 'no'}" for k, v in backend_status().items()))
-    rows, markdown, target_rows, missed = [], [], [], []
+    peaks = {"copy_bandwidth": copy_bandwidth(device), "flops": peak_flops(device)}
+    print(f"measured copy bandwidth {peaks['copy_bandwidth'] / 1e9:.1f} GB/s; peak FLOP/s "
+          + (f"{peaks['flops'] / 1e12:.0f} TFLOP/s" if peaks["flops"] else "unknown here (no MFU)"))
+    rows, markdown, target_rows, missed, measured_cases = [], [], [], [], []
     for suite in suites:
         markdown += [f"## Suite: {suite}", ""]
         for module in SUITES[suite]:
             for case in build_cases(module, device, args):
                 results = run_case(case, device)
-                rows += [measurement.row() for measurement in results.values()]
-                markdown += case_markdown(case, results) + [""]
+                measured_cases.append((case, results))
+                metrics = {name: derived_metrics(case, m, peaks) for name, m in results.items()}
+                rows += [{**measurement.row(), **metrics[name]} for name, measurement in results.items()]
+                markdown += case_markdown(case, results, metrics) + [""]
                 for target in case.targets:
                     measured = speedup(results, target.provider, target.baseline)
                     met = measured >= target.min_speedup
@@ -115,14 +136,18 @@ def main(argv=None):
                      f"{t['measured']:.2f}x | {'yes' if t['met'] else 'NO'} |" for t in target_rows]
     title = (f"# fastdino benchmarks: {device_name(device)}, {datetime.date.today().isoformat()}"
              f"{' (--quick)' if args.quick else ''}")
-    report = "\n".join([title, "", f"torch {torch.__version__}, fastdino {versions()['fastdino']}", ""] + markdown)
+    peak_line = (f"Measured copy bandwidth {peaks['copy_bandwidth'] / 1e9:.1f} GB/s (the ops' roofline); peak "
+                 + (f"{peaks['flops'] / 1e12:.0f} TFLOP/s (MFU)" if peaks["flops"] else "FLOP/s unknown (no MFU)"))
+    report = "\n".join([title, "", f"torch {torch.__version__}, fastdino {versions()['fastdino']}. {peak_line}.", ""]
+                       + markdown)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(
-        {"machine": machine(), "quick": args.quick, "rows": rows, "targets": target_rows}, indent=1))
+        {"machine": machine(), "quick": args.quick, "peaks": peaks, "rows": rows, "targets": target_rows}, indent=1))
     (args.out / "results.md").write_text(report + "\n")
+    plot_report(measured_cases, title.lstrip("# "), args.out / "results.png")
     print("\n" + report)
-    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    print(f"\nwrote {args.out / 'results.json'}, {args.out / 'results.md'} and {args.out / 'results.png'}")
     if args.check_targets and missed:
         print(f"{len(missed)} target(s) missed", file=sys.stderr)
         return 1
