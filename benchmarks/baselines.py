@@ -4,6 +4,8 @@ Written the way the release writes them (main_dino.py, utils.py), so the benchma
 fastdino with the code it replaces on the same inputs.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -125,3 +127,54 @@ def release_multicrop_loader(data_path, batch_size, n_local_crops, num_workers, 
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available(), drop_last=True,
                                        persistent_workers=num_workers > 0)
+
+
+@torch.no_grad()
+def release_update_center(center, teacher_output, center_momentum=0.9):
+    """The release's DINOLoss.update_center: a blocking all-reduce of the batch's teacher sum."""
+    batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
+    world_size = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(batch_center)
+        world_size = torch.distributed.get_world_size()
+    batch_center = batch_center / (len(teacher_output) * world_size)
+    center.mul_(center_momentum).add_(batch_center * (1 - center_momentum))
+
+
+def release_cancel_gradients_last_layer(epoch, model, freeze_last_layer):
+    """The release's utils.cancel_gradients_last_layer."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, parameter in model.named_parameters():
+        if "last_layer" in name:
+            parameter.grad = None
+
+
+def release_train_step(student, teacher, optimizer, center, crops, *, lr, weight_decay, momentum,
+                       teacher_temp, clip_grad=3.0, epoch=1, freeze_last_layer=1, autocast_dtype=None):
+    """One iteration of the release's train_one_epoch (main_dino.py) without fp16 scaling: the
+    networks' per-resolution forward, the Python-loop loss, the center update, a host sync on the
+    loss, per-parameter clipping with .item(), the last-layer freeze, the optimizer step, the
+    per-parameter EMA loop, and the final synchronize."""
+    for index, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr
+        if index == 0:  # only the first group is regularized
+            group["weight_decay"] = weight_decay
+    device_type = crops[0].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        teacher_output = teacher(crops[:2])
+        student_output = student(crops)
+        loss = release_dino_loss(student_output.float(), teacher_output.float(), center, len(crops),
+                                 teacher_temp=teacher_temp)
+    release_update_center(center, teacher_output.float())
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"Loss is {loss.item()}, stopping training")
+    optimizer.zero_grad()
+    loss.backward()
+    release_clip_gradients(student.parameters(), clip_grad)
+    release_cancel_gradients_last_layer(epoch, student, freeze_last_layer)
+    optimizer.step()
+    release_ema(list(teacher.parameters()), list(student.parameters()), momentum)
+    if torch.cuda.is_available() and crops[0].is_cuda:
+        torch.cuda.synchronize()
+    return loss

@@ -29,7 +29,7 @@ from fastdino.ops import backend_status
 from measure import Measurement, copy_bandwidth, device_name, machine, peak_flops, time_function, versions
 from plot import plot_report
 
-SUITES = {"ops": (bench_dino_loss, bench_ema, bench_clip_grad), "models": (bench_models,), "data": (bench_data,)}
+SUITES = {"ops": (bench_dino_loss, bench_ema, bench_clip_grad), "models": (bench_models,), "data": (bench_data,), "train": (bench_train,)}
 NOISY_SPREAD = 0.2
 
 

@@ -74,3 +74,13 @@ def test_mismatched_lists_are_rejected():
         ema_update_([torch.zeros(3), torch.zeros(2)], [torch.zeros(3), torch.zeros(3)], 0.9)
     with pytest.raises(TypeError, match=r"student_params\[0\] is a float"):
         ema_update_([torch.zeros(3)], [1.0], 0.9)
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpp", "triton"))
+def test_ema_bumps_the_version_counters(backend, device):
+    """Caches keyed on tensor versions (the ViT's interpolated position embeddings) must see it."""
+    teachers = [torch.zeros(5, device=device), torch.zeros(3, 4, device=device).t()]  # one non-contiguous
+    students = [torch.ones(5, device=device), torch.ones(4, 3, device=device)]
+    versions = [t._version for t in teachers]
+    ema_update_(teachers, students, 0.5, backend=backend)
+    assert all(t._version > v for t, v in zip(teachers, versions))

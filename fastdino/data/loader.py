@@ -208,9 +208,12 @@ def _torchvision_stream(plan: BatchPlan, positions, device, dtype, num_threads):
     workers = num_threads if num_threads > 1 else 0
     # forkserver, not fork: forking a process whose DALI, OpenMP or CUDA threads hold locks can
     # deadlock the workers
+    # its own generator: a DataLoader draws its workers' base seed from the global RNG
+    # otherwise, which would shift the training's random draws whenever the stream restarts
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=_Requests(plan, positions),
                                          num_workers=workers, pin_memory=on_gpu,
-                                         multiprocessing_context="forkserver" if workers else None)
+                                         multiprocessing_context="forkserver" if workers else None,
+                                         generator=torch.Generator().manual_seed(plan.seed))
     for uint8_crops in loader:
         yield normalize_uint8_crops(uint8_crops, plan.recipe, device, dtype)
 

@@ -6,7 +6,7 @@ Light to import (no DALI, xformers or timm; Triton and the C++ extension load on
 """
 
 from .backends import BACKEND_ENV_VAR, BACKENDS, BackendUnavailableError, backend_status
-from .center import update_center_
+from .center import CenterUpdate, update_center_
 from .clip_grad import clip_grad_per_param_, clip_grad_per_param_reference
 from .dino_loss import dino_loss, dino_loss_reference
 from .ema import ema_update_, ema_update_reference
@@ -14,6 +14,7 @@ from .losses import DINOLoss, LightlyDINOLoss, teacher_temperature_schedule
 
 __all__ = [
     "BACKENDS",
+    "CenterUpdate",
     "BACKEND_ENV_VAR",
     "BackendUnavailableError",
     "DINOLoss",

@@ -69,3 +69,6 @@ def ema_update_(
     for teacher, updated in zip(teachers, work):
         if updated is not teacher:
             teacher.copy_(updated)
+    # The kernels write through raw pointers, which autograd's version counters do not see;
+    # caches keyed on them (the ViT's interpolated position embeddings) must see the change.
+    torch.autograd.graph.increment_version(teachers)

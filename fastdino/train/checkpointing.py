@@ -1,0 +1,157 @@
+"""Checkpoints that survive being killed: atomic writes, the newest K kept, exact resume.
+
+Files in the run directory:
+
+- ``checkpoint-step<N>.pth``: the state after N optimizer steps, written to a hidden temporary
+  file, flushed to disk, then renamed over the final name (a rename is atomic), so a write
+  interrupted at any moment leaves the previous checkpoints untouched;
+- ``checkpoint.pth``: the newest of them (a hard link, or a copy where links are not
+  supported), the name the release's evaluation scripts expect;
+- ``teacher_backbone.pth``: the teacher backbone alone (timm / release ViT keys).
+
+A checkpoint holds ``student`` and ``teacher`` in the release's layout
+(``fastdino.models.export_dino_checkpoint``), ``optimizer``, ``fp16_scaler``, ``epoch`` (of the
+next step), ``step`` (optimizer steps done), ``config``, ``dino_loss`` (``{"center": ...}``, as
+the release saves it), ``data`` (the loader's position) and ``rng`` (every rank's RNG states).
+Everything in it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastdino.models import export_dino_checkpoint, load_dino_checkpoint, read_checkpoint
+
+LATEST_CHECKPOINT_NAME = "checkpoint.pth"
+BACKBONE_EXPORT_NAME = "teacher_backbone.pth"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-step(\d+)\.pth$")
+_PARTIAL_MARKER = ".partial-"
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"checkpoint-step{step:09d}.pth"
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not every platform opens directories; the rename is still atomic
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def atomic_torch_save(payload, path: Path) -> None:
+    """torch.save to a temporary file beside ``path``, fsync, then rename it to ``path``."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}{_PARTIAL_MARKER}{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def point_latest_to(path: Path) -> None:
+    """Make ``checkpoint.pth`` the newest checkpoint, atomically (hard link, else a copy)."""
+    latest = path.parent / LATEST_CHECKPOINT_NAME
+    temporary = latest.with_name(f".{latest.name}{_PARTIAL_MARKER}{os.getpid()}")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(path, temporary)
+    except OSError:
+        shutil.copyfile(path, temporary)
+    os.replace(temporary, latest)
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the step checkpoints in ``run_dir``, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for entry in run_dir.iterdir():
+        match = _CHECKPOINT_NAME.match(entry.name)
+        if match and entry.is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    for _, path in list_checkpoints(run_dir)[:-keep_last]:
+        path.unlink(missing_ok=True)
+
+
+def remove_partial_files(run_dir: Path) -> None:
+    """Delete temporary files of writes that were interrupted (a killed run leaves them)."""
+    for entry in Path(run_dir).glob(f".*{_PARTIAL_MARKER}*"):
+        entry.unlink(missing_ok=True)
+
+
+def load_newest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint of ``run_dir``; unreadable ones are reported and skipped."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, read_checkpoint(path)
+        except Exception as error:  # truncated or corrupt file: fall back to the one before
+            print(f"fastdino.train: WARNING: cannot read {path} ({type(error).__name__}: {error}); "
+                  f"trying the previous checkpoint", file=sys.stderr, flush=True)
+    return None
+
+
+def capture_rng_state(device: torch.device) -> dict:
+    """This process's RNG states: torch (CPU), the CUDA device's, and Python's ``random``."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    version, internal_state, gauss_next = state["python"]
+    random.setstate((version, tuple(internal_state), gauss_next))
+
+
+def build_checkpoint(*, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler, center: torch.Tensor, epoch: int, step: int, config: dict,
+                     data_state: dict, rng_states: list[dict]) -> dict:
+    """The checkpoint payload (see the module docstring)."""
+    return export_dino_checkpoint(
+        student, teacher,
+        optimizer=optimizer.state_dict(),
+        fp16_scaler=scaler.state_dict() if scaler is not None else None,
+        epoch=epoch, step=step, config=config,
+        dino_loss={"center": center.detach().cpu()},
+        data=dict(data_state), rng=rng_states,
+    )
+
+
+def restore_checkpoint(payload: dict, *, student: nn.Module, teacher: nn.Module,
+                       optimizer: torch.optim.Optimizer, scaler, center: torch.Tensor) -> None:
+    """Load networks, optimizer, scaler and center from a payload of ``build_checkpoint``."""
+    load_dino_checkpoint(student, payload, part="student")
+    load_dino_checkpoint(teacher, payload, part="teacher")
+    optimizer.load_state_dict(payload["optimizer"])
+    if scaler is not None and payload.get("fp16_scaler"):
+        scaler.load_state_dict(payload["fp16_scaler"])
+    with torch.no_grad():
+        center.copy_(payload["dino_loss"]["center"])

@@ -1,0 +1,86 @@
+"""The command line: ``python -m fastdino.train`` / ``torchrun ... -m fastdino.train``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import ConfigError, config_fields_help, parse_overrides, presets_table, resolve_config
+
+DEFAULT_PRESET = "tiny"  # with no arguments: the one-minute CPU run on synthetic images
+
+EXAMPLES = """\
+examples:
+  python -m fastdino.train                      # tiny CPU run on generated images (~1 min)
+  torchrun --nproc_per_node=8 -m fastdino.train --preset vit_small_p8 \\
+      --data /data/imagenet/train --output-dir runs/vits8
+  python -m fastdino.train --preset vit_small_p16 --data DIR epochs=300 teacher_temp=0.07
+
+Any config key can be overridden as key=value (--help-config lists them); the run resumes from
+the newest checkpoint in --output-dir when there is one.
+"""
+
+# flag -> config key, for the most common settings
+FLAGS = {"--data": "data", "--output-dir": "output_dir", "--epochs": "epochs",
+         "--batch-size-per-gpu": "batch_size_per_gpu", "--n-local-crops": "n_local_crops",
+         "--lr": "lr", "--seed": "seed", "--resume": "resume"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastdino.train", description="Train DINO (self-distillation with no labels).",
+        epilog=f"presets:\n{presets_table()}\n\n{EXAMPLES}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"starting config (default: {DEFAULT_PRESET})")
+    helps = {"--data": "image folder (class subfolders or flat) or a file list",
+             "--output-dir": "checkpoints, metrics.jsonl, config.json, teacher_backbone.pth (default runs/<preset>)",
+             "--resume": "auto (newest checkpoint in --output-dir, the default), never, or a checkpoint file"}
+    for flag, key in FLAGS.items():
+        parser.add_argument(flag, dest=key, metavar=key.upper(), help=helps.get(flag, f"sets {key}"))
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="any config field")
+    parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_presets:
+        print(presets_table())
+        return 0
+    if args.help_config:
+        print(config_fields_help())
+        return 0
+    is_main_rank = os.environ.get("RANK", "0") == "0"
+    try:
+        flag_overrides = parse_overrides(f"{key}={getattr(args, key)}" for key in FLAGS.values()
+                                         if getattr(args, key) is not None)
+        config = resolve_config(args.preset, {**parse_overrides(args.overrides), **flag_overrides})
+    except ConfigError as error:
+        if is_main_rank:
+            parser.print_usage(sys.stderr)
+            print(f"fastdino.train: error: {error}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import json
+
+        print(json.dumps(config.to_dict(), indent=1))
+        return 0
+
+    from fastdino.data import ImageFolderError
+
+    from .trainer import NonFiniteLossError, train
+
+    try:
+        train(config)
+    except (ConfigError, ImageFolderError) as error:
+        if is_main_rank:
+            print(f"fastdino.train: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as error:
+        if is_main_rank:
+            print(f"fastdino.train: error: {error}", file=sys.stderr)
+        return 1
+    return 0

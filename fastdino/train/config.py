@@ -1,0 +1,307 @@
+"""The training configuration: one dataclass, named presets, ``key=value`` overrides.
+
+    config = resolve_config("vit_small_p8", ["epochs=300", "teacher_temp=0.07"], data="/data/train")
+
+Every field has a type and, where a bad value would only fail hours later, a check in
+``TrainConfig.validate``; overrides are parsed against the field's type, so unknown keys and bad
+values fail before anything starts, naming the key. The resolved config is written as JSON to
+the output directory and into every checkpoint (``to_dict`` / ``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastdino.data import DATA_BACKENDS
+from fastdino.models import list_backbones
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "explicit")
+RESUME_MODES = ("auto", "never")
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key."""
+
+
+def _choice(default: str, choices: tuple[str, ...], help: str) -> str:
+    return field(default=default, metadata={"choices": choices, "help": help})
+
+
+def _doc(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a DINO run depends on. Defaults are the public release's (main_dino.py)."""
+
+    # -- run -------------------------------------------------------------------------------------
+    preset: str = _doc("vit_small_p16", "the preset this config started from (informational)")
+    data: str = _doc("", "image folder or file list; empty: synthetic images in <output_dir>/synthetic_images")
+    output_dir: str = _doc("", "checkpoints, logs and the exported backbone; empty: runs/<preset>")
+    seed: int = _doc(0, "seed of the initialization, data order, augmentations and drop path")
+    device: str = _choice("auto", DEVICES, "auto: this rank's GPU when there is one, else the CPU")
+    resume: str = _doc("auto", "auto: continue from the newest checkpoint in output_dir if any; "
+                               "never: refuse to run over checkpoints; or a checkpoint path")
+    max_steps: int = _doc(0, "stop (with a checkpoint) after this many optimizer steps in total; "
+                             "0: run all epochs. Schedules still span all epochs")
+    # -- networks --------------------------------------------------------------------------------
+    arch: str = _doc("vit_small_p16", "backbone name (fastdino.models.list_backbones())")
+    out_dim: int = _doc(65536, "K, the number of prototypes of the DINO head")
+    head_hidden_dim: int = _doc(2048, "hidden width of the head's MLP")
+    head_bottleneck_dim: int = _doc(256, "width of the head's bottleneck before the prototypes")
+    norm_last_layer: bool = _doc(True, "fix the prototypes' weight-norm magnitude to 1")
+    drop_path_rate: float = _doc(0.1, "stochastic depth of the student")
+    attn_backend: str = _choice("auto", ATTENTION_BACKENDS, "attention implementation of the ViTs")
+    activation_checkpointing: bool = _doc(False, "recompute each ViT block in the backward (less memory)")
+    compile: bool = _doc(False, "torch.compile the backbones (each ViT block)")
+    # -- loss and teacher --------------------------------------------------------------------------
+    student_temp: float = _doc(0.1, "student softmax temperature")
+    warmup_teacher_temp: float = _doc(0.04, "teacher temperature at the start of its warm-up")
+    teacher_temp: float = _doc(0.04, "teacher temperature after its warm-up")
+    warmup_teacher_temp_epochs: int = _doc(0, "epochs of linear teacher-temperature warm-up")
+    center_momentum: float = _doc(0.9, "momentum of the teacher center")
+    momentum_teacher: float = _doc(0.996, "teacher EMA momentum at the start (cosine to 1)")
+    # -- optimization ------------------------------------------------------------------------------
+    epochs: int = _doc(100, "training epochs")
+    batch_size_per_gpu: int = _doc(64, "images per rank per forward (micro-batch)")
+    grad_accumulation_steps: int = _doc(1, "micro-batches per optimizer step")
+    optimizer: str = _choice("adamw", OPTIMIZERS, "adamw (ViTs) or sgd with momentum 0.9 (ResNet-50)")
+    lr: float = _doc(0.0005, "peak learning rate at a global batch of 256 (scaled linearly)")
+    min_lr: float = _doc(1e-6, "learning rate at the end of the cosine")
+    warmup_epochs: int = _doc(10, "epochs of linear learning-rate warm-up")
+    weight_decay: float = _doc(0.04, "weight decay at the start (cosine)")
+    weight_decay_end: float = _doc(0.4, "weight decay at the end")
+    clip_grad: float = _doc(3.0, "per-parameter gradient norm clip; 0 disables")
+    freeze_last_layer: int = _doc(1, "epochs during which the head's last layer is not updated")
+    precision: str = _choice("auto", PRECISIONS, "auto: bf16 autocast on GPUs, fp32 on CPUs; "
+                                                 "fp16 uses a gradient scaler")
+    # -- data ------------------------------------------------------------------------------------
+    n_local_crops: int = _doc(8, "local crops per image (2 global crops always)")
+    global_crop_size: int = _doc(224, "side of the global crops in pixels")
+    local_crop_size: int = _doc(96, "side of the local crops in pixels")
+    global_crop_scale: tuple[float, float] = _doc((0.4, 1.0), "area fraction range of the global crops")
+    local_crop_scale: tuple[float, float] = _doc((0.05, 0.4), "area fraction range of the local crops")
+    data_backend: str = _choice("auto", DATA_BACKENDS, "multi-crop pipeline (fastdino.data)")
+    data_threads: int = _doc(0, "decoding threads/workers per rank; 0: the loader's default")
+    synthetic_images: int = _doc(64, "images generated when data is empty")
+    # -- checkpoints and logs --------------------------------------------------------------------
+    checkpoint_every_steps: int = _doc(1000, "checkpoint every N optimizer steps (and at each epoch end); 0: epoch ends only")
+    keep_last_checkpoints: int = _doc(3, "checkpoints kept (older ones are deleted)")
+    log_every_steps: int = _doc(10, "metrics (a host sync) every N optimizer steps")
+
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError naming the first bad key; returns self."""
+        def fail(key, why):
+            raise ConfigError(f"{key}={getattr(self, key)!r}: {why}")
+
+        for spec in dataclasses.fields(self):
+            choices = spec.metadata.get("choices")
+            if choices and getattr(self, spec.name) not in choices:
+                fail(spec.name, f"choose one of {', '.join(choices)}")
+        if self.arch not in list_backbones():
+            fail("arch", f"choose one of {', '.join(list_backbones())}")
+        for key in ("out_dim", "head_hidden_dim", "head_bottleneck_dim", "epochs", "batch_size_per_gpu",
+                    "grad_accumulation_steps", "global_crop_size", "local_crop_size",
+                    "keep_last_checkpoints", "log_every_steps", "synthetic_images"):
+            if getattr(self, key) < 1:
+                fail(key, "must be >= 1")
+        for key in ("max_steps", "n_local_crops", "warmup_epochs", "warmup_teacher_temp_epochs",
+                    "freeze_last_layer", "checkpoint_every_steps", "data_threads", "seed"):
+            if getattr(self, key) < 0:
+                fail(key, "must be >= 0")
+        for key in ("student_temp", "warmup_teacher_temp", "teacher_temp", "lr"):
+            if not getattr(self, key) > 0:
+                fail(key, "must be > 0")
+        for key in ("min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
+            if not getattr(self, key) >= 0:
+                fail(key, "must be >= 0")
+        for key in ("center_momentum", "momentum_teacher", "drop_path_rate"):
+            if not 0 <= getattr(self, key) <= 1:
+                fail(key, "must be in [0, 1]")
+        if self.warmup_epochs > self.epochs:
+            fail("warmup_epochs", f"longer than epochs={self.epochs}")
+        if self.warmup_teacher_temp_epochs > self.epochs:
+            fail("warmup_teacher_temp_epochs", f"longer than epochs={self.epochs}")
+        for key in ("global_crop_scale", "local_crop_scale"):
+            low, high = getattr(self, key)
+            if not 0 < low <= high <= 1:
+                fail(key, "need 0 < low <= high <= 1")
+        if self.data and not Path(self.data).exists():
+            fail("data", "no such file or folder")
+        if self.resume not in RESUME_MODES and not Path(self.resume).is_file():
+            fail("resume", f"neither {' nor '.join(RESUME_MODES)} nor an existing checkpoint file")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            fail("device", "no CUDA device is available")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or os.path.join("runs", self.preset))
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able values (tuples become lists), for config.json and checkpoints."""
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> TrainConfig:
+        """The inverse of ``to_dict``, type-checked; unknown keys raise ConfigError."""
+        known = {spec.name: spec for spec in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}")
+        return cls(**{key: _coerce(key, value, known[key].type) for key, value in values.items()}).validate()
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    overrides: dict
+
+
+# Presets change only what differs from the release's defaults (the dataclass above).
+PRESETS: dict[str, Preset] = {
+    "vit_small_p16": Preset("the public release's defaults: ViT-S/16, 100 epochs, 2+8 crops", {}),
+    "vit_small_p8": Preset(
+        "the headline ViT-S/8 run: 2+10 crops, teacher temperature 0.04 -> 0.07 over 30 epochs, "
+        "800 epochs",
+        dict(arch="vit_small_p8", n_local_crops=10, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
+             norm_last_layer=False, epochs=800, min_lr=1e-5, global_crop_scale=(0.25, 1.0),
+             local_crop_scale=(0.05, 0.25))),
+    "vit_base_p16": Preset(
+        "ViT-B/16 as released: 400 epochs, lr 0.00075, teacher temperature 0.07 over 50 epochs",
+        dict(arch="vit_base_p16", batch_size_per_gpu=32, epochs=400, lr=0.00075, min_lr=2e-6,
+             teacher_temp=0.07, warmup_teacher_temp_epochs=50, freeze_last_layer=3, n_local_crops=10,
+             global_crop_scale=(0.25, 1.0), local_crop_scale=(0.05, 0.25))),
+    "vit_base_p8": Preset(
+        "ViT-B/8: the ViT-B/16 recipe at patch 8",
+        dict(arch="vit_base_p8", batch_size_per_gpu=32, epochs=400, lr=0.00075, min_lr=2e-6,
+             teacher_temp=0.07, warmup_teacher_temp_epochs=50, freeze_last_layer=3, n_local_crops=10,
+             global_crop_scale=(0.25, 1.0), local_crop_scale=(0.05, 0.25))),
+    "resnet50": Preset(
+        "ResNet-50 as the release's README runs it: SGD, lr 0.03, weight decay 1e-4, tighter crops",
+        dict(arch="resnet50", optimizer="sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4,
+             global_crop_scale=(0.14, 1.0), local_crop_scale=(0.05, 0.14), drop_path_rate=0.0)),
+    "tiny": Preset(
+        "a CPU smoke run in about a minute: ViT-Tiny/16 on 64 px / 32 px crops, synthetic images",
+        dict(arch="vit_tiny_p16", out_dim=4096, head_hidden_dim=512, head_bottleneck_dim=128,
+             global_crop_size=64, local_crop_size=32, n_local_crops=2, batch_size_per_gpu=16,
+             epochs=4, warmup_epochs=1, lr=0.02, min_lr=1e-5, freeze_last_layer=1,
+             momentum_teacher=0.99, checkpoint_every_steps=0, log_every_steps=2, keep_last_checkpoints=2,
+             precision="fp32")),
+}
+
+
+def _coerce(key: str, value, annotation):
+    """``value`` (a string from the command line, or a JSON value) as the field's type."""
+    annotation = typing.get_type_hints(TrainConfig)[key] if isinstance(annotation, str) else annotation
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        item_type = typing.get_args(annotation)[0]
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or len(items) != len(typing.get_args(annotation)):
+            raise ConfigError(f"{key}={value!r}: expected {len(typing.get_args(annotation))} "
+                              f"comma-separated numbers, e.g. {key}=0.4,1.0")
+        return tuple(_coerce(key, item, item_type) for item in items)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if annotation is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        try:
+            return int(value) if not isinstance(value, str) else int(value.strip().replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected an integer") from None
+    if annotation is float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r}: expected a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r}: expected a finite number")
+        return number
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    raise TypeError(f"{key}: unsupported config field type {annotation!r}")
+
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    """``["epochs=10", "lr=1e-3"]`` -> ``{"epochs": 10, "lr": 0.001}``, typed, or ConfigError."""
+    hints = typing.get_type_hints(TrainConfig)
+    parsed = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not separator or not key:
+            raise ConfigError(f"{item!r}: overrides are written key=value, e.g. epochs=300")
+        if key not in hints:
+            raise ConfigError(f"unknown config key {key!r} (in {item!r}); "
+                              f"`python -m fastdino.train --help-config` lists the keys")
+        parsed[key] = _coerce(key, value, hints[key])
+    return parsed
+
+
+def resolve_config(preset: str = "vit_small_p16", overrides: Iterable[str] | Mapping = (),
+                   **fields) -> TrainConfig:
+    """The validated config of ``preset`` with ``overrides`` (``key=value`` strings or a mapping)
+    and then ``fields`` (typed keyword values, e.g. from command-line flags) applied."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = {"preset": preset, **PRESETS[preset].overrides}
+    if isinstance(overrides, Mapping):
+        values.update(overrides)
+    else:
+        values.update(parse_overrides(overrides))
+    values.update({key: value for key, value in fields.items() if value is not None})
+    return TrainConfig.from_dict(values)
+
+
+def config_fields_help() -> str:
+    """One line per key: name, type, default and what it does (``--help-config``)."""
+    hints = typing.get_type_hints(TrainConfig)
+    lines = []
+    for spec in dataclasses.fields(TrainConfig):
+        type_name = getattr(hints[spec.name], "__name__", str(hints[spec.name]))
+        if typing.get_origin(hints[spec.name]) is tuple:
+            type_name = "float,float"
+        default = spec.default
+        choices = spec.metadata.get("choices")
+        kind = "|".join(choices) if choices else type_name
+        lines.append(f"  {spec.name}={kind}  (default {default!r})\n      {spec.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def presets_table() -> str:
+    lines = []
+    for name, preset in PRESETS.items():
+        lines.append(f"{name}\n    {preset.description}")
+        if preset.overrides:
+            lines.append("    " + " ".join(f"{key}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
+                                           for key, value in preset.overrides.items()))
+    return "\n".join(lines)
+
+
+def save_config_json(config: TrainConfig, path: Path) -> None:
+    path.write_text(json.dumps(config.to_dict(), indent=1) + "\n")

@@ -1,0 +1,80 @@
+"""Student, teacher and optimizer of a run, built from its config.
+
+The student is backbone + DINO head with drop path; the teacher has the same architecture
+without drop path, starts as a copy of the student and never gets gradients. Only the student
+is wrapped for data parallelism (DDP); the teacher follows it by EMA on every rank alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastdino.models import DINOHead, MultiCropWrapper, create_backbone
+
+
+def _backbone(config, drop_path_rate: float) -> nn.Module:
+    if config.arch.startswith("vit"):
+        return create_backbone(config.arch, drop_path_rate=drop_path_rate, attn_backend=config.attn_backend,
+                               activation_checkpointing=config.activation_checkpointing)
+    return create_backbone(config.arch, drop_path_rate=drop_path_rate)
+
+
+def _network(config, drop_path_rate: float, teacher: bool) -> MultiCropWrapper:
+    backbone = _backbone(config, drop_path_rate)
+    head = DINOHead(backbone.num_features, config.out_dim, hidden_dim=config.head_hidden_dim,
+                    bottleneck_dim=config.head_bottleneck_dim, norm_last_layer=config.norm_last_layer)
+    return MultiCropWrapper(backbone, head, global_crops_only=teacher)
+
+
+def build_student_and_teacher(config, device: torch.device) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """Freshly initialized networks on ``device``; the caller seeds the RNG identically on every
+    rank so that every rank starts from the same weights."""
+    student = _network(config, config.drop_path_rate, teacher=False).to(device)
+    teacher = _network(config, 0.0, teacher=True).to(device)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    if device.type == "cuda" and torch.distributed.is_initialized() and _has_batch_norm(student):
+        # The release synchronizes the batch statistics of convnets across GPUs (student and teacher).
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    return student, teacher
+
+
+def _has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def compile_backbone(network: MultiCropWrapper) -> None:
+    """torch.compile in place (state-dict keys unchanged): each ViT block, which serves the
+    packed and per-resolution multi-crop forwards alike, or the whole convnet."""
+    blocks = getattr(network.backbone, "blocks", None)
+    if blocks is not None:
+        for block in blocks:
+            block.compile()
+    else:
+        network.backbone.compile()
+
+
+def parameter_groups(network: nn.Module) -> list[dict]:
+    """The release's get_params_groups: no weight decay for biases and 1-D parameters."""
+    regularized, not_regularized = [], []
+    for name, parameter in network.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if name.endswith(".bias") or parameter.ndim == 1:
+            not_regularized.append(parameter)
+        else:
+            regularized.append(parameter)
+    return [{"params": regularized, "apply_weight_decay": True},
+            {"params": not_regularized, "weight_decay": 0.0, "apply_weight_decay": False}]
+
+
+def build_optimizer(config, network: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (or SGD, momentum 0.9) with the fused multi-tensor kernels; lr and weight decay are
+    set by the schedules before every step."""
+    groups = parameter_groups(network)
+    fused = device.type in ("cuda", "cpu")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9, fused=fused, foreach=None if fused else True)
+    return torch.optim.AdamW(groups, lr=0.0, fused=fused, foreach=None if fused else True)

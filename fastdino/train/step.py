@@ -1,0 +1,139 @@
+"""One DINO optimizer step: forward, loss, backward, clipping, update, teacher EMA, center.
+
+Per micro-batch (``grad_accumulation_steps`` of them): the teacher's logits of the 2 global
+crops (no gradient), the student's of every crop, under autocast; the fused ``dino_loss``
+(outside autocast: it accumulates in float32 itself); backward of loss / n_micro. DDP
+all-reduces the gradients on the last micro-batch only. Then, once per optimizer step: the
+head's last layer is frozen during its first epochs, every gradient is clipped to its own norm
+(``clip_grad_per_param_``), the optimizer steps, the teacher follows by EMA (``ema_update_``)
+and the center moves with the teacher logits of all micro-batches of all ranks.
+
+Nothing here waits for the device: the loss stays a device tensor, the schedules' values are
+Python floats, and the center's all-reduce is started before the last backward and waited for
+after the teacher update, so it overlaps with that compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastdino.ops import CenterUpdate, clip_grad_per_param_, dino_loss, ema_update_
+
+from .collapse import teacher_entropy
+from .schedules import ScheduledValues
+
+N_GLOBAL_CROPS = 2
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # 0-d float32 on the device: mean over the micro-batches of this rank
+    teacher_entropy: torch.Tensor | None  # of the last micro-batch, when measured
+    kl_divergence: torch.Tensor | None  # loss - teacher entropy on the last micro-batch
+
+
+class DINOStep:
+    """Callable training step over the student (possibly DDP-wrapped) and its teacher.
+
+    optimizer: over the student's parameters; groups with ``apply_weight_decay=True`` follow the
+    weight-decay schedule, the others keep theirs (0).
+    center: the (1, K) float32 center, updated in place.
+    autocast_dtype: torch.bfloat16 / torch.float16, or None for full precision.
+    scaler: a GradScaler for float16, else None.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
+                 center: torch.Tensor, *, student_temp: float, center_momentum: float,
+                 clip_grad: float, autocast_dtype: torch.dtype | None = None, scaler=None,
+                 loss_backend: str = "auto"):
+        self.student = student
+        self.teacher = teacher
+        self.optimizer = optimizer
+        self.center = center
+        self.student_temp = student_temp
+        self.clip_grad = clip_grad
+        self.autocast_dtype = autocast_dtype
+        self.scaler = scaler
+        self.loss_backend = loss_backend
+        self.center_update = CenterUpdate(center, center_momentum)
+        network = unwrap(student)
+        self.student_params = list(network.parameters())
+        self.teacher_params = list(teacher.parameters())
+        if len(self.student_params) != len(self.teacher_params):
+            raise ValueError(f"student has {len(self.student_params)} parameter tensors, teacher "
+                             f"{len(self.teacher_params)}: they must share one architecture")
+        # The release's cancel_gradients_last_layer matches "last_layer" in the parameter name.
+        self.last_layer_params = [p for name, p in network.named_parameters() if "last_layer" in name]
+        self.device = center.device
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _set_schedule(self, values: ScheduledValues) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = values.learning_rate
+            if group.get("apply_weight_decay"):
+                group["weight_decay"] = values.weight_decay
+
+    def __call__(self, micro_batches: Sequence[Sequence[torch.Tensor]], values: ScheduledValues,
+                 freeze_last_layer: bool, measure: bool = False) -> StepResult:
+        """One optimizer step over ``micro_batches`` (lists of crops, global crops first).
+        ``measure`` also computes the teacher entropy and KL of the last micro-batch."""
+        self._set_schedule(values)
+        self.optimizer.zero_grad(set_to_none=True)
+        n_micro = len(micro_batches)
+        loss_sum = torch.zeros((), device=self.device)
+        teacher_sum, teacher_rows = None, 0
+        entropy = kl_divergence = None
+        for index, crops in enumerate(micro_batches):
+            last = index == n_micro - 1
+            # DDP: all-reduce the accumulated gradients once, in the last backward.
+            no_sync = self.student.no_sync if isinstance(self.student, nn.parallel.DistributedDataParallel) else None
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                with self._autocast():
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(crops)
+                    student_logits = self.student(crops)
+                loss, batch_teacher_sum = dino_loss(
+                    student_logits, teacher_logits, self.center, n_global_crops=N_GLOBAL_CROPS,
+                    student_temp=self.student_temp, teacher_temp=values.teacher_temperature,
+                    backend=self.loss_backend, overwrite_student_logits=True, check_finite=False)
+                teacher_sum = batch_teacher_sum if teacher_sum is None else teacher_sum + batch_teacher_sum
+                teacher_rows += teacher_logits.shape[0]
+                if last:
+                    if measure:
+                        entropy = teacher_entropy(teacher_logits, self.center, values.teacher_temperature)
+                        kl_divergence = loss.detach() - entropy
+                    self.center_update.start(teacher_sum, teacher_rows)
+                scaled_loss = loss / n_micro if n_micro > 1 else loss
+                if self.scaler is not None:
+                    scaled_loss = self.scaler.scale(scaled_loss)
+                scaled_loss.backward()
+            loss_sum += loss.detach()
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if freeze_last_layer:
+            for parameter in self.last_layer_params:
+                parameter.grad = None
+        if self.clip_grad:
+            clip_grad_per_param_(self.student_params, self.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        ema_update_(self.teacher_params, self.student_params, values.teacher_momentum)
+        self.center_update.finish()
+        return StepResult(loss_sum / n_micro if n_micro > 1 else loss_sum, entropy, kl_divergence)

@@ -1,0 +1,177 @@
+"""fastdino.train end to end on generated images: two gloo processes, kill-and-resume, a torchrun
+rendezvous of two "nodes", and a NaN loss stopping the run with its last good checkpoint kept.
+
+Every process runs one thread (OMP_NUM_THREADS=1): on a shared 2-core machine two-thread
+OpenMP regions mostly wait for each other.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fastdino.train.step as step_module
+from fastdino.data import write_synthetic_image_folder
+from fastdino.models import read_checkpoint
+from fastdino.train import NonFiniteLossError, resolve_config, train
+from fastdino.train.checkpointing import list_checkpoints
+
+# A ViT-Tiny/16 on 32 px global / 16 px local crops with a small head: ~0.2 s per step.
+RUN_OVERRIDES = {
+    "out_dim": 256, "head_hidden_dim": 64, "head_bottleneck_dim": 32, "global_crop_size": 32,
+    "local_crop_size": 16, "n_local_crops": 2, "batch_size_per_gpu": 4, "warmup_epochs": 1,
+    "lr": 0.05, "momentum_teacher": 0.99, "data_backend": "torchvision", "data_threads": 1,
+    "log_every_steps": 1, "checkpoint_every_steps": 2, "keep_last_checkpoints": 2,
+}
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    return write_synthetic_image_folder(tmp_path_factory.mktemp("data") / "images", n_images=32,
+                                        image_size=(48, 40))
+
+
+def cli_arguments(overrides: dict) -> list[str]:
+    return [f"{key}={value}" for key, value in overrides.items()]
+
+
+def read_losses(run_dir) -> dict[int, float]:
+    """step -> loss; a step logged twice (before a kill and after the resume) keeps its last entry."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        losses[entry["step"]] = entry["loss"]
+    return losses
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_rank(rank, port, run_dir, data_dir, overrides):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = train(resolve_config("tiny", overrides, output_dir=str(run_dir), data=str(data_dir)))
+    torch.save({"teacher": result.teacher.state_dict(), "center": result.center, "steps": result.steps},
+               run_dir / f"rank{rank}.pt")
+
+
+def test_two_gloo_processes_train_with_identical_teachers_and_centers(tmp_path, image_folder):
+    run_dir = tmp_path / "run"
+    overrides = {**RUN_OVERRIDES, "epochs": 4}  # 16 images per rank: 4 steps per epoch
+    mp.spawn(run_rank, args=(free_port(), run_dir, image_folder, overrides), nprocs=2, join=True)
+    ranks = [torch.load(run_dir / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 16
+    assert torch.equal(ranks[0]["center"], ranks[1]["center"])
+    assert ranks[0]["teacher"].keys() == ranks[1]["teacher"].keys()
+    for key, value in ranks[0]["teacher"].items():
+        assert torch.equal(value, ranks[1]["teacher"][key]), f"teacher {key} differs between ranks"
+
+    losses = list(read_losses(run_dir).values())
+    assert len(losses) == 16
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2, f"the loss did not go down: {losses}"
+    assert [step for step, _ in list_checkpoints(run_dir)] == [14, 16]  # keep_last_checkpoints=2
+    checkpoint = read_checkpoint(run_dir / "checkpoint.pth")
+    assert checkpoint["step"] == 16 and len(checkpoint["rng"]) == 2
+    assert torch.equal(checkpoint["dino_loss"]["center"], ranks[0]["center"])
+    backbone = torch.load(run_dir / "teacher_backbone.pth", weights_only=True)
+    assert torch.equal(backbone["cls_token"], ranks[0]["teacher"]["backbone.cls_token"])
+    assert json.loads((run_dir / "config.json").read_text())["batch_size_per_gpu"] == 4
+
+
+def start_cli(run_dir, data_dir, overrides, extra_environment=None, launcher=None):
+    command = (launcher or [sys.executable, "-m"]) + ["fastdino.train", "--preset", "tiny", "--output-dir",
+                                                     str(run_dir), "--data", str(data_dir)]
+    environment = {**os.environ, **ONE_THREAD, **(extra_environment or {})}
+    return subprocess.Popen(command + cli_arguments(overrides), env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(process, timeout=300):
+    _, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, f"exit {process.returncode}\n{stderr[-3000:]}"
+    return stderr
+
+
+def test_a_killed_run_resumes_and_reproduces_the_uninterrupted_losses_exactly(tmp_path, image_folder):
+    overrides = {**RUN_OVERRIDES, "epochs": 2}  # 8 steps per epoch on one process
+    uninterrupted = start_cli(tmp_path / "uninterrupted", image_folder, overrides)  # runs alongside
+    killed_dir = tmp_path / "killed"
+    process = start_cli(killed_dir, image_folder, overrides)
+    first_checkpoint = killed_dir / "checkpoint-step000000002.pth"
+    while not first_checkpoint.exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert max(read_losses(killed_dir)) < 16
+
+    stderr = finish(start_cli(killed_dir, image_folder, overrides))
+    assert "resumed from" in stderr
+    finish(uninterrupted)
+    expected = read_losses(tmp_path / "uninterrupted")
+    assert sorted(expected) == list(range(1, 17))
+    assert read_losses(killed_dir) == expected  # bit-identical, step by step
+    assert not list(killed_dir.glob(".*partial*"))
+
+
+def test_torchrun_rendezvous_of_two_nodes_with_one_process_each(tmp_path, image_folder):
+    overrides = {**RUN_OVERRIDES, "epochs": 1}
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [
+        start_cli(tmp_path / "run", image_folder, overrides, launcher=[
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+            f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=test", "-m"])
+        for node in range(2)
+    ]
+    outputs = [finish(process) for process in nodes]
+    assert "2 rank(s)" in "".join(outputs)
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pth")["step"] == 4
+    assert len(read_checkpoint(tmp_path / "run" / "checkpoint.pth")["rng"]) == 2
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, image_folder,
+                                                                                       monkeypatch):
+    real_loss, calls = step_module.dino_loss, []
+
+    def loss_turning_nan_at_step_5(*args, **kwargs):
+        calls.append(1)
+        loss, teacher_sum = real_loss(*args, **kwargs)
+        return (loss * float("nan") if len(calls) >= 5 else loss), teacher_sum
+
+    monkeypatch.setattr(step_module, "dino_loss", loss_turning_nan_at_step_5)
+    config = resolve_config("tiny", {**RUN_OVERRIDES, "epochs": 2, "log_every_steps": 3},
+                            output_dir=str(tmp_path / "run"), data=str(image_folder))
+    with pytest.raises(NonFiniteLossError, match=r"NaN or infinite at optimizer step 5 .*checkpoint-step000000004"):
+        train(config)
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [2, 4]
+    kept = read_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert kept["step"] == 4 and all(torch.isfinite(value).all() for value in kept["teacher"].values())
+
+
+@pytest.mark.slow
+def test_the_default_command_trains_the_tiny_preset(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fastdino.train"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "runs" / "tiny" / "teacher_backbone.pth").is_file()
+    assert "done:" in result.stderr
