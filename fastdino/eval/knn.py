@@ -1,0 +1,156 @@
+"""Weighted k-NN classification on frozen features, as the release's ``eval_knn.py``.
+
+    python -m fastdino.eval.knn --checkpoint ckpt.pth --train-data imagenet/train \\
+        --val-data imagenet/val [--arch vit_small_p16] [--features-cache feats/]
+    torchrun --nproc_per_node=8 -m fastdino.eval.knn ...   # extraction sharded over 8 GPUs
+
+Features are the teacher backbone's CLS tokens, L2-normalized. Each validation image takes the
+k training features most cosine-similar to its own; each neighbor votes for its class with
+weight exp(similarity / T); the classes ranked by their summed votes give top-1 and top-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .backbones import add_backbone_arguments, load_backbone
+from .features import (
+    FeatureFunction,
+    add_data_arguments,
+    cached_features,
+    check_same_classes,
+    distributed_from_environment,
+    evaluation_transform,
+    extract_features,
+    features_fingerprint,
+    image_folder,
+    log,
+    rank_and_world_size,
+    resolve_device,
+)
+
+DEFAULT_K = (10, 20, 100, 200)
+DEFAULT_TEMPERATURE = 0.07
+
+
+@torch.no_grad()
+def knn_votes(train_features: torch.Tensor, train_labels: torch.Tensor,
+              test_features: torch.Tensor, k: int, temperature: float,
+              num_classes: int) -> torch.Tensor:
+    """Each class's summed vote for each test sample: (M, num_classes).
+
+    The k training features most similar to a test feature (dot products: cosine similarities
+    for L2-normalized features) each give their class exp(similarity / temperature).
+    """
+    similarity, neighbors = (test_features @ train_features.T).topk(k, dim=1)
+    votes = torch.zeros(test_features.shape[0], num_classes, dtype=similarity.dtype,
+                        device=similarity.device)
+    return votes.scatter_add_(1, train_labels[neighbors], similarity.div(temperature).exp())
+
+
+@torch.no_grad()
+def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor,
+                   test_features: torch.Tensor, test_labels: torch.Tensor, k: int,
+                   temperature: float = DEFAULT_TEMPERATURE, num_classes: int | None = None,
+                   test_chunk_size: int = 256) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) of the release's weighted k-NN classifier.
+
+    Features are expected L2-normalized. train_features (N, D), train_labels (N,),
+    test_features (M, D), test_labels (M,). num_classes defaults to the largest label + 1.
+    Top-5 counts the min(5, k) best-voted classes, as the release does. Test samples go
+    ``test_chunk_size`` at a time, bounding the (chunk, N) similarity matrix.
+    """
+    if not 1 <= k <= train_features.shape[0]:
+        raise ValueError(f"k={k} must be between 1 and the number of training samples "
+                         f"({train_features.shape[0]})")
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    top_classes = min(5, k, num_classes)
+    correct_top1 = correct_top5 = 0
+    for start in range(0, test_features.shape[0], test_chunk_size):
+        votes = knn_votes(train_features, train_labels, test_features[start:start + test_chunk_size],
+                          k, temperature, num_classes)
+        hits = votes.topk(top_classes, dim=1).indices == test_labels[start:start + test_chunk_size, None]
+        correct_top1 += hits[:, 0].sum().item()
+        correct_top5 += hits.any(dim=1).sum().item()
+    total = test_features.shape[0]
+    return 100.0 * correct_top1 / total, 100.0 * correct_top5 / total
+
+
+def cls_features(backbone: torch.nn.Module) -> FeatureFunction:
+    """The backbone's feature (a ViT's final-normed CLS token), L2-normalized."""
+    return lambda images: F.normalize(backbone(images), dim=1)
+
+
+def run_knn(args: argparse.Namespace) -> dict:
+    """Extract (or reuse) the features, classify the validation set for every k; rank 0 returns
+    the results (and writes them to ``--output``), other ranks {}."""
+    device = resolve_device(args.device)
+    backbone, arch = load_backbone(args.checkpoint, args.arch, args.part)
+    backbone.to(device)
+    log(f"k-NN evaluation of the {args.part} of {args.checkpoint} ({arch}) on {device}, "
+        f"{rank_and_world_size()[1]} process(es)")
+    transform = evaluation_transform(args.image_size)
+    datasets = {"train": image_folder(args.train_data, transform, "--train-data"),
+                "val": image_folder(args.val_data, transform, "--val-data")}
+    check_same_classes(datasets["train"], datasets["val"])
+    features = {}
+    for split, dataset in datasets.items():
+        log(f"{split}: {len(dataset)} images, {len(dataset.classes)} classes")
+        fingerprint = features_fingerprint(args.checkpoint, arch, args.part, dataset, "cls")
+        extract = functools.partial(extract_features, cls_features(backbone), dataset,
+                                    args.batch_size, device, args.num_workers, f"{split} features")
+        features[split] = cached_features(args.features_cache, f"{split}-cls", fingerprint, extract)
+    if rank_and_world_size()[0] != 0:  # every rank has all features; rank 0 classifies
+        return {}
+    (train_features, train_labels), (val_features, val_labels) = features["train"], features["val"]
+    num_classes = len(datasets["train"].classes)
+    results = {"checkpoint": str(args.checkpoint), "arch": arch, "part": args.part,
+               "temperature": args.temperature, "num_train": len(train_labels),
+               "num_val": len(val_labels), "accuracy": {}}
+    train_features, train_labels = train_features.to(device), train_labels.to(device)
+    val_features, val_labels = val_features.to(device), val_labels.to(device)
+    for k in args.nb_knn:
+        if k > len(train_labels):
+            log(f"skipping k={k}: more than the {len(train_labels)} training images")
+            continue
+        top1, top5 = knn_classifier(train_features, train_labels, val_features, val_labels, k,
+                                    args.temperature, num_classes)
+        results["accuracy"][str(k)] = {"top1": top1, "top5": top5}
+        log(f"{k}-NN classifier result: Top1: {top1:.2f}, Top5: {top5:.2f}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        log(f"wrote {args.output}")
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastdino.eval.knn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_backbone_arguments(parser)
+    add_data_arguments(parser)
+    parser.add_argument("--nb-knn", type=int, nargs="+", default=list(DEFAULT_K), metavar="K",
+                        help=f"numbers of neighbors (default {' '.join(map(str, DEFAULT_K))})")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                        help=f"vote weight exp(similarity / T) (default {DEFAULT_TEMPERATURE})")
+    parser.add_argument("--output", default=None, metavar="JSON", help="also write the results here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if any(k < 1 for k in args.nb_knn):
+        raise SystemExit(f"--nb-knn {args.nb_knn}: every k must be at least 1")
+    with distributed_from_environment():
+        return run_knn(args)
+
+
+if __name__ == "__main__":
+    main()
