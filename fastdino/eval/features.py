@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fastdino.data.recipe import IMAGENET_MEAN, IMAGENET_STD
 # Bump when the meaning of cached features changes, so old caches are recomputed.
 CACHE_FORMAT_VERSION = 1
 
