@@ -12,23 +12,20 @@ On a GPU: bfloat16 autocast, batch 64 (16 with --quick), full-size crops (224 / 
 issue's target (packed xformers >= 1.5x per-resolution SDPA for ViT-S/8). On the CPU: float32,
 batch 2 with full-size crops (minutes), or batch 1 with 64 / 32 px crops with --quick.
 
-    python benchmarks/bench_models.py [--quick] [--out results.md]   # this suite, with img/s and MFU
+    python benchmarks/bench_models.py [--quick] [--out DIR]   # run.py --suite models
 
 ``cases()`` serves benchmarks/run.py like the other suites.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
-from pathlib import Path
 
 import torch
 
 from fastdino.models import create_backbone, xformers_status
 from fastdino.models.vision_transformer import batch_same_size_crops
-from measure import Case, Provider, Target, device_name, peak_flops, time_function
+from measure import Case, Provider, Target
 
 MODELS = {"ViT-S/16": ("vit_small_p16", "vit_small_patch16_224"),
           "ViT-S/8": ("vit_small_p8", "vit_small_patch8_224")}
@@ -119,47 +116,7 @@ def cases(device: torch.device, quick: bool):
     return [_case(label, device, quick) for label in MODELS]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller batch (GPU) or crops (CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, help="also write the Markdown report to this file")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    peak = peak_flops(device)
-    lines = [f"# fastdino model benchmark: {device_name(device)}, {datetime.date.today().isoformat()}"
-             f"{' (--quick)' if args.quick else ''}", "",
-             f"torch {torch.__version__}; xformers: {xformers_status(device)}; "
-             f"peak {'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown (no MFU)'}", ""]
-    missed = 0
-    for case in cases(device, args.quick):
-        step_flops = case.sizes["GFLOP/step"] * 1e9
-        lines += [f"## {case.name} ({case.dtype}, " + ", ".join(f"{k}={v}" for k, v in case.sizes.items()) + ")",
-                  "", "| provider | median ms | img/s | peak GiB | MFU | x vs " + case.baselines[0] + " |",
-                  "|---|---|---|---|---|---|"]
-        medians = {}
-        for provider in case.providers:
-            print(f"[models] {case.name} / {provider.name} ...", end=" ", flush=True, file=sys.stderr)
-            times, peak_memory = time_function(provider.fn, device, setup=provider.setup, repeats=case.repeats)
-            medians[provider.name] = median = sorted(times)[len(times) // 2]
-            print(f"{median:.1f} ms", flush=True, file=sys.stderr)
-            mfu = f"{step_flops / (median / 1e3) / peak:.1%}" if peak else "-"
-            memory = f"{peak_memory / 2**30:.2f}" if peak_memory is not None else "-"
-            lines.append(f"| {provider.name} | {median:.1f} | {case.sizes['batch'] / (median / 1e3):.1f} | "
-                         f"{memory} | {mfu} | {medians.get(case.baselines[0], median) / median:.2f} |")
-        for target in case.targets:
-            measured = medians[target.baseline] / medians[target.provider]
-            met = measured >= target.min_speedup
-            missed += not met
-            lines.append(f"\ntarget: {target.provider} >= {target.min_speedup}x {target.baseline}: "
-                         f"{measured:.2f}x ({'met' if met else 'MISSED'})")
-        lines.append("")
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.write_text(report + "\n")
-    return 1 if missed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    import run  # the one report writer (tables, img/s, MFU, JSON, PNG)
+
+    sys.exit(run.main(["--suite", "models", *sys.argv[1:]]))

@@ -15,16 +15,14 @@ Sizes: the ``tiny`` preset on the CPU (its batch, crops and head; float32); on a
 ``vit_small_p8`` preset (ViT-S/8, 2 x 224 + 10 x 96 crops, K = 65536) in bfloat16, batch 64
 (16 with --quick). Target: >= 1.5x the release-style step on the CPU with the tiny preset.
 
-    python benchmarks/bench_train.py [--quick]     # this suite alone, with img/s and data-wait %
+    python benchmarks/bench_train.py [--quick] [--out DIR]   # run.py --suite train
 
 ``cases()`` serves benchmarks/run.py (suite "train") like the other suites.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
 import itertools
 import sys
 import tempfile
@@ -32,7 +30,7 @@ from pathlib import Path
 
 import torch
 from baselines import release_train_step
-from measure import Case, Provider, Target, device_name, time_function
+from measure import Case, Provider, Target
 
 from fastdino.data import (
     MultiCropRecipe,
@@ -124,44 +122,7 @@ def cases(device: torch.device, quick: bool):
     )]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (CPU) or a smaller batch (GPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, help="also write the Markdown report to this file")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    lines = [f"# fastdino training-step benchmark: {device_name(device)}, {datetime.date.today().isoformat()}"
-             f"{' (--quick)' if args.quick else ''}", "", f"torch {torch.__version__}", ""]
-    missed = 0
-    for case in cases(device, args.quick):
-        batch = case.sizes["batch"]
-        lines += [f"## {case.name} ({case.dtype}, " + ", ".join(f"{k}={v}" for k, v in case.sizes.items()) + ")",
-                  "", "| provider | median ms | img/s | peak GiB | x vs release-style step |", "|---|---|---|---|---|"]
-        medians = {}
-        for provider in case.providers:
-            print(f"[train] {provider.name} ...", end=" ", flush=True, file=sys.stderr)
-            times, peak = time_function(provider.fn, device, setup=provider.setup, repeats=case.repeats)
-            medians[provider.name] = median = sorted(times)[len(times) // 2]
-            print(f"{median:.1f} ms", flush=True, file=sys.stderr)
-            memory = f"{peak / 2**30:.2f}" if peak is not None else "-"
-            lines.append(f"| {provider.name} | {median:.1f} | {batch / (median / 1e3):.1f} | {memory} | "
-                         f"{medians['release-style step'] / median:.2f} |")
-        with_loader, alone = medians["fastdino step + loader"], medians["fastdino step"]
-        lines.append(f"\ndata-wait: {max(0.0, with_loader - alone) / with_loader:.0%} of the step with the loader")
-        for target in case.targets:
-            measured = medians[target.baseline] / medians[target.provider]
-            met = measured >= target.min_speedup
-            missed += not met
-            lines.append(f"target: {target.provider} >= {target.min_speedup}x {target.baseline}: "
-                         f"{measured:.2f}x ({'met' if met else 'MISSED'})")
-        lines.append("")
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.write_text(report + "\n")
-    return 1 if missed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    import run  # the one report writer (tables, img/s, MFU, JSON, PNG)
+
+    sys.exit(run.main(["--suite", "train", *sys.argv[1:]]))
