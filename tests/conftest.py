@@ -1,6 +1,7 @@
 """Shared test set-up: the Triton interpreter on CPU-only machines, opt-in slow tests, backends."""
 
 import os
+import socket
 
 import torch
 
@@ -67,3 +68,10 @@ def generator(request):
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed for {request.node.name}: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on, for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,13 +1,12 @@
 """DINOLoss under torch.distributed (gloo, 2 processes): the center is all-reduced."""
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import backend_params
+from conftest import backend_params, free_port
 from fastdino.ops import DINOLoss
 
 WORLD_SIZE, BATCH_PER_RANK, NCROPS, OUT_DIM, STEPS = 2, 3, 4, 1000, 3
@@ -40,11 +39,6 @@ def run_rank(rank, port, backend, out_dir):
     finally:
         dist.destroy_process_group()
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("backend", backend_params("torch", "cpp"))

@@ -4,7 +4,6 @@ format with the architecture inferred, and the errors."""
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from conftest import free_port
 from fastdino.eval import ArchitectureInferenceError, infer_architecture, load_backbone
 from fastdino.eval.backbones import vit_image_size
 from fastdino.eval.features import (
@@ -178,11 +178,6 @@ def extract_in_rank(rank, world_size, port, out_dir):
     finally:
         dist.destroy_process_group()
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_distributed_extraction_gathers_all_shards_in_dataset_order(tmp_path):

@@ -8,7 +8,6 @@ OpenMP regions mostly wait for each other.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import free_port
 import fastdino.train.step as step_module
 from fastdino.data import write_synthetic_image_folder
 from fastdino.models import read_checkpoint
@@ -59,11 +59,6 @@ def read_losses(run_dir) -> dict[int, float]:
         losses[entry["step"]] = entry["loss"]
     return losses
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_rank(rank, port, run_dir, data_dir, overrides):
