@@ -171,20 +171,15 @@ def build_dali_pipeline(source, recipe: MultiCropRecipe, n_local_crops: int, bat
 def dali_outputs_to_torch(outputs, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
     """Copy the pipeline's outputs (TensorLists of equal-shaped samples) into new torch tensors
     on ``device`` (device to device for GPU pipelines; DALI reuses its buffers next run)."""
+    import nvidia.dali.types as types
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     tensors = []
     for output in outputs:
         dense = output.as_tensor()
-        source_dtype = torch.float16 if dense.dtype == _dali_float16() else torch.float32
+        source_dtype = torch.float16 if dense.dtype == types.FLOAT16 else torch.float32
         target = torch.empty(dense.shape(), dtype=source_dtype, device=device)
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         feed_ndarray(dense, target, cuda_stream=stream)
         tensors.append(target if source_dtype == dtype else target.to(dtype))
     return tensors
-
-
-def _dali_float16():
-    import nvidia.dali.types as types
-
-    return types.FLOAT16

@@ -17,7 +17,7 @@ random order of the four adjustments, ``RandomGrayscale``, the release's ``Gauss
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -86,10 +86,6 @@ class MultiCropRecipe:
         if len(self.blur_probabilities) != 3 or len(self.solarize_probabilities) != 3:
             raise ValueError("MultiCropRecipe.blur_probabilities and solarize_probabilities are "
                              "triples: (first global crop, second global crop, local crops)")
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [field.name for field in fields(cls)]
 
     def crop_sizes(self, n_local_crops: int) -> list[int]:
         """Output side of each crop, global crops first."""
