@@ -26,6 +26,9 @@ def make_pairs(generator, teacher_dtype, student_dtype, device, shapes=SHAPES):
 @pytest.mark.parametrize("momentum_kind", ["float", "tensor"])
 def test_matches_float64_reference(backend, device, teacher_dtype, student_dtype, momentum_kind, generator):
     teachers, students = make_pairs(generator, teacher_dtype, student_dtype, device)
+    # One teacher near 0, so that the student's share (1 - m) * s dominates its update: 1 - m must
+    # not be formed from a float32-rounded m (see kernels/ema.py).
+    teachers[-1].fill_(1e-4)
     momentum = 0.9961 + 0.003 * float(torch.rand((), generator=generator))
     expected = [t.cpu().double() for t in teachers]
     # A one-element tensor can cancel to ~0: measure errors against the size of the two terms.
@@ -33,8 +36,10 @@ def test_matches_float64_reference(backend, device, teacher_dtype, student_dtype
                   for t, s in zip(expected, students)]
     ema_update_reference(expected, [s.cpu().double() for s in students], momentum)
 
-    ema_update_(teachers, students, torch.tensor(momentum, device=device) if momentum_kind == "tensor" else momentum,
-                backend=backend)
+    # A float64 tensor: a float32 one would round m itself, which no kernel can undo.
+    momentum_value = (torch.tensor(momentum, dtype=torch.float64, device=device)
+                      if momentum_kind == "tensor" else momentum)
+    ema_update_(teachers, students, momentum_value, backend=backend)
     for teacher, reference, size in zip(teachers, expected, term_sizes):
         assert teacher.dtype == teacher_dtype
         context = f"(backend={backend}, shape={tuple(teacher.shape)})"

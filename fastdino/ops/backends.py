@@ -95,14 +95,16 @@ def _requested(backend: str) -> tuple[str, str]:
     return backend, f"backend={backend!r}"
 
 
-def resolve_backend(op_name: str, backend: str, tensors: list[torch.Tensor]) -> str:
+def resolve_backend(op_name: str, backend: str, tensors: list[torch.Tensor],
+                    scalars: list[torch.Tensor] = ()) -> str:
     """Pick the concrete backend for ``tensors``, or raise a clear error naming it and why.
 
     Floating dtypes other than float32/bfloat16/float16 (float64 in tests) run on "torch"
-    under "auto", and are rejected by the fused backends.
+    under "auto", and are rejected by the fused backends. ``scalars`` (0-d arguments such as a
+    momentum, which every backend reads in any float dtype) only have to be on the same device.
     """
     name, source = _requested(backend)
-    devices = {tensor.device for tensor in tensors}
+    devices = {tensor.device for tensor in [*tensors, *scalars]}
     if len(devices) > 1:
         raise ValueError(
             f"{op_name}: all tensors must be on one device, got {sorted(map(str, devices))}"

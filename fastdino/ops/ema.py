@@ -37,7 +37,8 @@ def ema_update_(
 
     One kernel launch per dtype group on CUDA, one parallel loop on the CPU. Teachers may be
     float32 or bfloat16 (math in float32, one rounding); students may have another dtype.
-    ``momentum`` may be a 0-d tensor on the parameters' device (no host sync on CUDA).
+    ``momentum`` may be a 0-d tensor on the parameters' device (no host sync on CUDA); a float64
+    one keeps 1 - momentum exact near 1, which a float32 one cannot.
     """
     teachers = _as_tensor_list(teacher_params, "teacher_params")
     students = _as_tensor_list(student_params, "student_params")
@@ -54,7 +55,7 @@ def ema_update_(
     if not teachers:
         return
     momentum_tensors = [momentum] if isinstance(momentum, torch.Tensor) else []
-    name = resolve_backend("ema_update_", backend, teachers + students + momentum_tensors)
+    name = resolve_backend("ema_update_", backend, teachers + students, scalars=momentum_tensors)
     if name == "torch":
         ema_update_reference(teachers, students, momentum)
         return
