@@ -420,11 +420,12 @@ def test_vit_rejects_bad_shapes(generator):
 
 # -- head and wrapper --------------------------------------------------------------------------
 
-def release_head(in_dim, out_dim, hidden_dim, bottleneck_dim, parametrization):
+def release_head(in_dim, out_dim, hidden_dim, bottleneck_dim, parametrization, use_bn=False):
     """The release's DINOHead layout built from torch modules (old or new weight norm)."""
     head = nn.Module()
-    head.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                             nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+    norm = (lambda: [nn.BatchNorm1d(hidden_dim)]) if use_bn else list
+    head.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), *norm(), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                             *norm(), nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
     linear = nn.Linear(bottleneck_dim, out_dim, bias=False)
     if parametrization:
         head.last_layer = nn.utils.parametrizations.weight_norm(linear)
@@ -451,6 +452,19 @@ def test_head_layout_and_norm_last_layer(generator):
     assert list(single.state_dict())[:2] == ["mlp.weight", "mlp.bias"]
     with pytest.raises(ValueError, match="at least one layer"):
         DINOHead(32, n_layers=0)
+
+
+def test_head_with_batch_norm_is_the_release_use_bn_head(generator):
+    reference = randomize_parameters(release_head(32, 100, 24, 8, False, use_bn=True), generator)
+    head = DINOHead(32, out_dim=100, hidden_dim=24, bottleneck_dim=8, use_bn=True)
+    assert [key for key in head.state_dict() if key.endswith("running_mean")] == [
+        "mlp.1.running_mean", "mlp.4.running_mean"]
+    head.load_state_dict(reference.state_dict(), strict=True)
+    features = torch.randn(7, 32, generator=generator)
+    for train in (True, False):  # batch statistics, then the running ones
+        head.train(train), reference.train(train)
+        with torch.no_grad():
+            assert max_relative_difference(head(features), reference(features)) <= FP32_TOLERANCE
 
 
 @pytest.mark.parametrize("parametrization", [False, True], ids=["weight_g/weight_v", "parametrizations"])

@@ -79,25 +79,33 @@ class DINOHead(nn.Module):
     """MLP -> L2 normalization -> weight-normalized linear layer to ``out_dim`` prototypes.
 
     Features (N, in_dim) -> logits (N, out_dim). The MLP is in_dim -> hidden_dim (x n_layers - 1)
-    -> bottleneck_dim with GELU between layers (no batch norm); with n_layers=1 it is a single
-    linear layer. Keys: ``mlp.0``, ``mlp.2``, ``mlp.4`` (for 3 layers), ``last_layer.weight_g``,
-    ``last_layer.weight_v``, as in the release.
+    -> bottleneck_dim with GELU between layers; with n_layers=1 it is a single linear layer.
+    use_bn=True puts a BatchNorm1d after each hidden linear layer, as the release's
+    ``--use_bn_in_head`` (off by default there): the batch statistics remove the component
+    all images share, which matters when the backbone's features barely differ across images
+    (a randomly initialized ViT on a small dataset). Keys as in the release: ``mlp.0``, ``mlp.2``,
+    ``mlp.4`` for 3 layers without batch norm (``mlp.0``, ``mlp.1``, ``mlp.3``, ``mlp.4``,
+    ``mlp.6`` with it), ``last_layer.weight_g``, ``last_layer.weight_v``.
 
     norm_last_layer=True fixes the last layer's magnitude g to 1 and freezes it (requires_grad
     False), so only the prototype directions are learned; the release recommends it for stability.
     """
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, n_layers: int = 3, norm_last_layer: bool = True):
+                 bottleneck_dim: int = 256, n_layers: int = 3, norm_last_layer: bool = True,
+                 use_bn: bool = False):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers={n_layers}: the head needs at least one layer")
         if n_layers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
-            layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
-            for _ in range(n_layers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            layers = []
+            for layer_in in [in_dim] + [hidden_dim] * (n_layers - 2):
+                layers.append(nn.Linear(layer_in, hidden_dim))
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(hidden_dim))
+                layers.append(nn.GELU())
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
         for module in self.mlp.modules():

@@ -63,6 +63,7 @@ class TrainConfig:
     head_hidden_dim: int = _doc(2048, "hidden width of the head's MLP")
     head_bottleneck_dim: int = _doc(256, "width of the head's bottleneck before the prototypes")
     norm_last_layer: bool = _doc(True, "fix the prototypes' weight-norm magnitude to 1")
+    use_bn_in_head: bool = _doc(False, "batch norm after the head's hidden layers (the release's --use_bn_in_head)")
     drop_path_rate: float = _doc(0.1, "stochastic depth of the student")
     attn_backend: str = _choice("auto", ATTENTION_BACKENDS, "attention implementation of the ViTs")
     activation_checkpointing: bool = _doc(False, "recompute each ViT block in the backward (less memory)")

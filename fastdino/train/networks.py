@@ -23,7 +23,8 @@ def _backbone(config, drop_path_rate: float) -> nn.Module:
 def _network(config, drop_path_rate: float, teacher: bool) -> MultiCropWrapper:
     backbone = _backbone(config, drop_path_rate)
     head = DINOHead(backbone.num_features, config.out_dim, hidden_dim=config.head_hidden_dim,
-                    bottleneck_dim=config.head_bottleneck_dim, norm_last_layer=config.norm_last_layer)
+                    bottleneck_dim=config.head_bottleneck_dim, norm_last_layer=config.norm_last_layer,
+                    use_bn=config.use_bn_in_head)
     return MultiCropWrapper(backbone, head, global_crops_only=teacher)
 
 
