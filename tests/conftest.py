@@ -70,6 +70,16 @@ def generator(request):
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (building and training ViTs on a shared 2-core machine);
+    modules that need it for every test say ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on, for a process group's rendezvous."""
     with socket.socket() as sock:

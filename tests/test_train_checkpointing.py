@@ -25,13 +25,7 @@ from fastdino.train.checkpointing import (
 )
 from fastdino.train.networks import build_optimizer, build_student_and_teacher
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # building ViTs on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_steps(run_dir, steps):

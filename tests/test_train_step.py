@@ -17,12 +17,7 @@ from fastdino.train.step import DINOStep
 BATCH, N_LOCAL = 3, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_config(**fields):
