@@ -147,10 +147,9 @@ def memory_efficient_attention_stand_in(calls):
 def xformers_stand_in(monkeypatch):
     """Routes the "xformers" backend to the stand-ins above, so its wiring runs on the CPU."""
     calls = []
-    monkeypatch.setattr(attention_module, "memory_efficient_attention",
-                        memory_efficient_attention_stand_in(calls), raising=False)
-    monkeypatch.setattr(attention_module, "fmha", SimpleNamespace(BlockDiagonalMask=BlockDiagonalMaskStandIn),
-                        raising=False)
+    stand_in_ops = SimpleNamespace(memory_efficient_attention=memory_efficient_attention_stand_in(calls),
+                                   fmha=SimpleNamespace(BlockDiagonalMask=BlockDiagonalMaskStandIn))
+    monkeypatch.setattr(attention_module, "_xformers_ops", lambda: stand_in_ops)
     monkeypatch.setattr(attention_module, "xformers_status", lambda device, dtype: "available")
     attention_module._block_diagonal_mask.cache_clear()
     yield calls

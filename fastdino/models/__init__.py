@@ -9,14 +9,13 @@
     teacher_logits = teacher(crops)  # (2 * B, 65536): the 2 global crops only
 
 Attention runs on xformers (CUDA, half precision), PyTorch SDPA or an explicit path: argument
-``attn_backend`` of the ViTs, or ``FASTDINO_ATTENTION`` for the whole process. timm is imported
-only when the "resnet50" backbone is created.
+``attn_backend`` of the ViTs, or ``FASTDINO_ATTENTION`` for the whole process. xformers is imported
+when attention first runs on CUDA, timm only when the "resnet50" backbone is created.
 """
 
 from .attention import (
     ATTENTION_BACKENDS,
     ATTENTION_ENV_VAR,
-    XFORMERS_AVAILABLE,
     PackedSequences,
     resolve_attention_backend,
     xformers_status,
@@ -60,3 +59,12 @@ __all__ = [
     "vit_tiny",
     "xformers_status",
 ]
+
+
+def __getattr__(name):
+    # XFORMERS_AVAILABLE imports xformers: only when asked for, not with fastdino.models.
+    if name == "XFORMERS_AVAILABLE":
+        from . import attention
+
+        return attention.XFORMERS_AVAILABLE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

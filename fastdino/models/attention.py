@@ -13,8 +13,8 @@ process, which overrides the argument, as ``FASTDINO_BACKEND`` does for ``fastdi
   matrix, which ``attention_probabilities`` returns for visualization.
 - "auto": "xformers" for float16/bfloat16 on CUDA when xformers works, else "sdpa".
 
-xformers is imported once, here (``XFORMERS_AVAILABLE``); whether its kernels run is probed once
-per CUDA device and dtype, on first use. When it is missing or broken, the models fall back to
+xformers is imported on first use, here (``XFORMERS_AVAILABLE``); whether its kernels run is probed
+once per CUDA device and dtype. When it is missing or broken, the models fall back to
 "sdpa" with one warning instead of failing; without CUDA no xformers code runs at all.
 """
 
@@ -31,14 +31,29 @@ import torch.nn.functional as F
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "explicit")
 ATTENTION_ENV_VAR = "FASTDINO_ATTENTION"
 
-try:
-    from xformers.ops import fmha, memory_efficient_attention
 
-    XFORMERS_AVAILABLE = True
-    XFORMERS_IMPORT_ERROR = ""
-except Exception as import_error:  # not installed, or built for another torch/CUDA
-    XFORMERS_AVAILABLE = False
-    XFORMERS_IMPORT_ERROR = f"{type(import_error).__name__}: {import_error}"
+
+@functools.cache
+def _xformers_import() -> tuple[object | None, str]:
+    """(xformers.ops, "") or (None, why it does not import). Imported on first use, not with
+    fastdino.models: xformers pulls in Triton and its C++ extension, which `--help-config`, the
+    CPU paths and a plain `import fastdino.models` have no use for."""
+    try:
+        from xformers import ops
+    except Exception as error:  # not installed, or built for another torch/CUDA
+        return None, f"{type(error).__name__}: {error}"
+    return ops, ""
+
+
+def _xformers_ops():
+    """xformers.ops (``fmha``, ``memory_efficient_attention``); only called once its probe passed."""
+    return _xformers_import()[0]
+
+
+def __getattr__(name: str):
+    if name == "XFORMERS_AVAILABLE":  # whether xformers imports (its kernels are probed per device)
+        return _xformers_import()[0] is not None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # xformers' kernels exist for half precision first; float32 on CUDA goes to SDPA under "auto".
 _XFORMERS_AUTO_DTYPES = (torch.float16, torch.bfloat16)
@@ -50,13 +65,14 @@ def _xformers_kernel_error(device: torch.device, dtype: torch.dtype) -> str:
 
     Probed once per (device, dtype): a GPU may lack kernels for one dtype only (bfloat16 on V100).
     """
-    if not XFORMERS_AVAILABLE:
-        return f"xformers could not be imported ({XFORMERS_IMPORT_ERROR})"
+    xformers_ops, import_error = _xformers_import()
+    if xformers_ops is None:
+        return f"xformers could not be imported ({import_error})"
     try:
         # The smallest call shaped like ours: (B, M, H, K) inputs and a block-diagonal mask.
         query = torch.zeros(1, 16, 1, 64, device=device, dtype=dtype, requires_grad=True)
-        mask = fmha.BlockDiagonalMask.from_seqlens([8, 8])
-        memory_efficient_attention(query, query, query, attn_bias=mask).sum().backward()
+        mask = xformers_ops.fmha.BlockDiagonalMask.from_seqlens([8, 8])
+        xformers_ops.memory_efficient_attention(query, query, query, attn_bias=mask).sum().backward()
     except Exception as error:  # e.g. "No operator found for memory_efficient_attention_forward"
         return (f"xformers is installed but its kernels do not run on {device} in {dtype} with "
                 f"this torch ({type(error).__name__}: {error})")
@@ -185,7 +201,7 @@ class PackedSequences:
 @functools.lru_cache(maxsize=32)
 def _block_diagonal_mask(groups: tuple[tuple[int, int], ...]):
     # Cached so that its sequence-start tensor moves to the GPU once, not in every block.
-    return fmha.BlockDiagonalMask.from_seqlens(PackedSequences(groups).sequence_lengths())
+    return _xformers_ops().fmha.BlockDiagonalMask.from_seqlens(PackedSequences(groups).sequence_lengths())
 
 
 def attention_probabilities(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -197,7 +213,7 @@ def attention_probabilities(query: torch.Tensor, key: torch.Tensor) -> torch.Ten
 def _attend_unpacked(query, key, value, backend: str) -> torch.Tensor:
     """(B, N, H, d) query, key, value -> (B, N, H, d), every sequence of length N on its own."""
     if backend == "xformers":
-        return memory_efficient_attention(query, key, value)
+        return _xformers_ops().memory_efficient_attention(query, key, value)
     # SDPA and the explicit path take (B, H, N, d); transposing is a view, not a copy.
     query, key, value = (tensor.transpose(1, 2) for tensor in (query, key, value))
     if backend == "sdpa":
@@ -222,7 +238,7 @@ def multi_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         return _attend_unpacked(query, key, value, backend)
     if backend == "xformers":
         # One kernel launch over all sequences; the mask confines attention to each sequence.
-        return memory_efficient_attention(query, key, value, attn_bias=packing.xformers_mask())
+        return _xformers_ops().memory_efficient_attention(query, key, value, attn_bias=packing.xformers_mask())
     # Without a block-diagonal kernel, attend each group of equal-length sequences as a batch:
     # the same result, with no (T x T) mask.
     outputs = [_attend_unpacked(*group_tensors, backend) for group_tensors in
