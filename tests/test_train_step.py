@@ -114,6 +114,34 @@ def test_last_layer_is_frozen_only_when_asked(generator, freeze):
     assert not torch.equal(student.head.mlp[0].weight, mlp_before)
 
 
+def test_sgd_through_and_past_the_last_layer_freeze_is_the_release_sgd(generator):
+    # The last layer gets its first gradient, and so its momentum buffer, only after the freeze.
+    # The release's optimizer: torch's SGD, momentum 0.9, not fused, on the same gradients.
+    config = small_config(optimizer="sgd")
+    student, _, _, _, step = make_setup(config)
+    release_student = copy.deepcopy(student)
+    release_optimizer = torch.optim.SGD(parameter_groups(release_student), lr=0.0, momentum=0.9, foreach=False)
+    schedules = build_schedules(config, 4, 1)
+    last_layer_before = student.head.last_layer.weight_v.detach().clone()
+    for it, freeze in enumerate([True, True, False, False]):
+        if it == 2:  # resume from the state the freeze left, some momentum buffers missing
+            resumed = build_optimizer(config, student, torch.device("cpu"))
+            resumed.load_state_dict(step.optimizer.state_dict())
+            step.optimizer = resumed
+        values = schedules.at(it)
+        step([random_crops(generator)], values, freeze_last_layer=freeze)
+        for group in release_optimizer.param_groups:
+            group["lr"] = values.learning_rate
+            if group["apply_weight_decay"]:
+                group["weight_decay"] = values.weight_decay
+        for reference, parameter in zip(release_student.parameters(), student.parameters()):
+            reference.grad = parameter.grad
+        release_optimizer.step()
+        for (name, reference), parameter in zip(release_student.named_parameters(), student.parameters()):
+            assert torch.equal(parameter, reference), f"step {it}: {name}"
+    assert not torch.equal(student.head.last_layer.weight_v, last_layer_before)
+
+
 def test_biases_and_1d_parameters_get_no_weight_decay():
     config = small_config()
     student, _, optimizer, _, step = make_setup(config)

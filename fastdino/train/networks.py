@@ -71,11 +71,31 @@ def parameter_groups(network: nn.Module) -> list[dict]:
             {"params": not_regularized, "weight_decay": 0.0, "apply_weight_decay": False}]
 
 
+def _last_layer_apart(groups: list[dict], network: nn.Module) -> list[dict]:
+    """``groups`` with the head's last layer moved to groups of its own (same settings, after
+    the others).
+
+    Fused SGD starts the momentum of a whole group in one step (when every buffer of the group
+    is missing) and fails on a group where only some are: the frozen last layer has no gradient,
+    hence no momentum buffer, while the rest trains. In groups of its own its momentum starts at
+    its first gradient, as in the release's (non-fused) SGD.
+    """
+    # The name rule of DINOStep's freeze (the release's cancel_gradients_last_layer).
+    last_layer = {id(p) for name, p in network.named_parameters() if "last_layer" in name}
+
+    def part(group: dict, of_last_layer: bool) -> dict:
+        return {**group, "params": [p for p in group["params"] if (id(p) in last_layer) == of_last_layer]}
+
+    split = [part(group, False) for group in groups] + [part(group, True) for group in groups]
+    return [group for group in split if group["params"]]
+
+
 def build_optimizer(config, network: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (or SGD, momentum 0.9) with the fused multi-tensor kernels; lr and weight decay are
     set by the schedules before every step."""
     groups = parameter_groups(network)
     fused = device.type in ("cuda", "cpu")
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=0.9, fused=fused, foreach=None if fused else True)
+        return torch.optim.SGD(_last_layer_apart(groups, network), lr=0.0, momentum=0.9, fused=fused,
+                               foreach=None if fused else True)
     return torch.optim.AdamW(groups, lr=0.0, fused=fused, foreach=None if fused else True)
