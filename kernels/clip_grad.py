@@ -21,11 +21,14 @@ import triton.language as tl
 from .tensor_lists import (
     TAIL,
     cast_rne,
-    check_device,
+    check_scalar,
     check_tensor_list,
     get_table,
     group_by,
     interpreter_active,
+    chunk_bounds,
+    tail_block,
+    tensor_pointer,
     triton_dtype,
 )
 
@@ -49,16 +52,9 @@ def _sumsq_kernel(
     BLOCK: tl.constexpr,
     TAIL: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    ti = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    numel = tl.load(numel_ptr + ti)
-    main = tl.load(main_ptr + ti)
-    base = tl.load(addrs + ti).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        base = tl.multiple_of(base, 16)
-        start = tl.multiple_of(start, 16)
-        main = tl.multiple_of(main, 16)
+    tensor = tl.load(chunk_tensor_ptr + tl.program_id(0))
+    start, numel, main = chunk_bounds(tensor, numel_ptr, main_ptr, chunk_start_ptr, ALIGNED)
+    base = tensor_pointer(addrs, tensor, DTYPE, ALIGNED)
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     span = tl.minimum(main - start, CHUNK)
@@ -66,11 +62,10 @@ def _sumsq_kernel(
         idx = start + off + offs
         g = tl.load(base + idx, mask=idx < main, other=0.0).to(tl.float32)
         acc += g * g
-    tidx = main + tl.arange(0, TAIL)
-    tmask = (tidx < numel) & (tidx >= start) & (tidx < start + CHUNK)
+    tidx, tmask = tail_block(start, numel, main, CHUNK, TAIL)
     g = tl.load(base + tidx, mask=tmask, other=0.0).to(tl.float32)
     total = tl.sum(acc, axis=0) + tl.sum(g * g, axis=0)
-    tl.store(partials_ptr + pid, total)
+    tl.store(partials_ptr + tl.program_id(0), total)
 
 
 @triton.jit
@@ -119,18 +114,11 @@ def _scale_kernel(
     TAIL: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    ti = tl.load(chunk_tensor_ptr + pid)
-    coef = tl.load(coefs_ptr + ti)
+    tensor = tl.load(chunk_tensor_ptr + tl.program_id(0))
+    coef = tl.load(coefs_ptr + tensor)
     if coef < 1.0:  # NaN coef (NaN/inf grads) is not < 1: left untouched, as the contract says
-        start = tl.load(chunk_start_ptr + pid)
-        numel = tl.load(numel_ptr + ti)
-        main = tl.load(main_ptr + ti)
-        base = tl.load(addrs + ti).to(tl.pointer_type(DTYPE))
-        if ALIGNED:
-            base = tl.multiple_of(base, 16)
-            start = tl.multiple_of(start, 16)
-            main = tl.multiple_of(main, 16)
+        start, numel, main = chunk_bounds(tensor, numel_ptr, main_ptr, chunk_start_ptr, ALIGNED)
+        base = tensor_pointer(addrs, tensor, DTYPE, ALIGNED)
         offs = tl.arange(0, BLOCK)
         span = tl.minimum(main - start, CHUNK)
         for off in range(0, span, BLOCK):
@@ -138,25 +126,9 @@ def _scale_kernel(
             mask = idx < main
             g = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
             tl.store(base + idx, cast_rne(g * coef, DTYPE, INTERPRET), mask=mask)
-        tidx = main + tl.arange(0, TAIL)
-        tmask = (tidx < numel) & (tidx >= start) & (tidx < start + CHUNK)
+        tidx, tmask = tail_block(start, numel, main, CHUNK, TAIL)
         g = tl.load(base + tidx, mask=tmask, other=0.0).to(tl.float32)
         tl.store(base + tidx, cast_rne(g * coef, DTYPE, INTERPRET), mask=tmask)
-
-
-def _check_scalar(value, name, device):
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.dim() > 1:
-            raise ValueError(f"{name} must be a float or a 0-d float tensor, got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise ValueError(f"{name} tensor must be floating point, got {value.dtype}")
-        check_device(value, name)
-        if device is not None and value.device != device:
-            raise ValueError(f"{name} is on {value.device} but the grads are on {device}")
-        return value.to(torch.float32).reshape(()), 0.0
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a float, got {type(value).__name__}")
-    return None, float(value)
 
 
 def clip_grad_per_param_(grads, max_norm, eps: float = 1e-6) -> torch.Tensor:
@@ -165,7 +137,7 @@ def clip_grad_per_param_(grads, max_norm, eps: float = 1e-6) -> torch.Tensor:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise ValueError(f"eps must be a float, got {type(eps).__name__}")
     device = grads[0].device if grads else None
-    max_norm_tensor, max_norm_value = _check_scalar(max_norm, "max_norm", device)
+    max_norm_tensor, max_norm_value = check_scalar(max_norm, "max_norm", device, "grads")
     if not grads:
         return torch.empty(0, dtype=torch.float32, device=max_norm_tensor.device
                            if max_norm_tensor is not None else "cpu")

@@ -55,12 +55,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .tensor_lists import cast_rne, check_device, interpreter_active
+from .tensor_lists import cast_rne, check_float_tensor, interpreter_active
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Student kernel: BLOCK_S elements per loop step, 8 per thread (16-byte loads for 16-bit types,
 # two for fp32). Teacher kernel: [ROWS_T, BLOCK_T] tiles.
@@ -235,19 +233,6 @@ def _student_config(K: int):
     return block_s, num_warps
 
 
-def _check_tensor(x, name, dtypes, dim):
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(x.shape)}")
-    if x.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise ValueError(f"{name} must have dtype in ({allowed}), got {x.dtype}")
-    if not x.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-    check_device(x, name)
-
-
 def _check_positive(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a positive float, got {type(value).__name__}")
@@ -259,10 +244,10 @@ def _check_positive(value, name):
 
 def dino_loss_forward(student, teacher, center, grad, n_global_crops, student_temp, teacher_temp):
     """Returns (loss: 0-d float32, teacher_sum: (K,) float32) and writes d loss / d student to grad."""
-    _check_tensor(student, "student", _DTYPES, 2)
-    _check_tensor(teacher, "teacher", _DTYPES, 2)
-    _check_tensor(center, "center", (torch.float32,), 1)
-    _check_tensor(grad, "grad", _DTYPES, 2)
+    check_float_tensor(student, "student", dim=2)
+    check_float_tensor(teacher, "teacher", dim=2)
+    check_float_tensor(center, "center", (torch.float32,), dim=1)
+    check_float_tensor(grad, "grad", dim=2)
     if isinstance(n_global_crops, bool) or not isinstance(n_global_crops, numbers.Integral):
         raise ValueError(f"n_global_crops must be an int, got {type(n_global_crops).__name__}")
     G = int(n_global_crops)

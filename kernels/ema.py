@@ -12,8 +12,6 @@ float64 tensor): near m = 1, 1 - float32(m) would carry a relative error of up t
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import triton
 import triton.language as tl
@@ -21,11 +19,14 @@ import triton.language as tl
 from .tensor_lists import (
     TAIL,
     cast_rne,
-    check_device,
+    check_scalar,
     check_tensor_list,
     get_table,
     group_by,
     interpreter_active,
+    chunk_bounds,
+    tail_block,
+    tensor_pointer,
     triton_dtype,
 )
 
@@ -54,20 +55,10 @@ def _ema_kernel(
     TAIL: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    ti = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    numel = tl.load(numel_ptr + ti)
-    main = tl.load(main_ptr + ti)
-    t_base = tl.load(t_addrs + ti).to(tl.pointer_type(T_DTYPE))
-    s_base = tl.load(s_addrs + ti).to(tl.pointer_type(S_DTYPE))
-    if ALIGNED:
-        # Every base is 16-byte aligned and start/main are multiples of TAIL = 16 elements, so
-        # the main loop's masked loads can be 16-byte vectors.
-        t_base = tl.multiple_of(t_base, 16)
-        s_base = tl.multiple_of(s_base, 16)
-        start = tl.multiple_of(start, 16)
-        main = tl.multiple_of(main, 16)
+    tensor = tl.load(chunk_tensor_ptr + tl.program_id(0))
+    start, numel, main = chunk_bounds(tensor, numel_ptr, main_ptr, chunk_start_ptr, ALIGNED)
+    t_base = tensor_pointer(t_addrs, tensor, T_DTYPE, ALIGNED)
+    s_base = tensor_pointer(s_addrs, tensor, S_DTYPE, ALIGNED)
     if MOM_IS_PTR:
         loaded = tl.load(mom_ptr)  # float32 or float64
         m = loaded.to(tl.float32)
@@ -85,34 +76,10 @@ def _ema_kernel(
         s = tl.load(s_base + idx, mask=mask, other=0.0).to(tl.float32)
         tl.store(t_base + idx, cast_rne(m * t + one_minus_m * s, T_DTYPE, INTERPRET), mask=mask)
 
-    # The numel % TAIL leftover elements [main, numel) lie in exactly one chunk.
-    tidx = main + tl.arange(0, TAIL)
-    tmask = (tidx < numel) & (tidx >= start) & (tidx < start + CHUNK)
+    tidx, tmask = tail_block(start, numel, main, CHUNK, TAIL)
     t = tl.load(t_base + tidx, mask=tmask, other=0.0).to(tl.float32)
     s = tl.load(s_base + tidx, mask=tmask, other=0.0).to(tl.float32)
     tl.store(t_base + tidx, cast_rne(m * t + one_minus_m * s, T_DTYPE, INTERPRET), mask=tmask)
-
-
-def _check_momentum(momentum, device):
-    """Returns (0-d float32/float64 tensor or None, m, 1 - m), the floats computed in double."""
-    if isinstance(momentum, torch.Tensor):
-        if momentum.numel() != 1 or momentum.dim() > 1:
-            raise ValueError(
-                f"momentum must be a float or a 0-d float tensor, got shape {tuple(momentum.shape)}"
-            )
-        if not momentum.is_floating_point():
-            raise ValueError(f"momentum tensor must be floating point, got {momentum.dtype}")
-        check_device(momentum, "momentum")
-        if momentum.device != device:
-            raise ValueError(
-                f"momentum is on {momentum.device} but the parameters are on {device}"
-            )
-        if momentum.dtype not in (torch.float32, torch.float64):
-            momentum = momentum.to(torch.float32)
-        return momentum.reshape(()), 0.0, 0.0
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise ValueError(f"momentum must be a float or a 0-d float tensor, got {type(momentum).__name__}")
-    return None, float(momentum), 1.0 - float(momentum)
 
 
 def ema_update_(teacher_tensors, student_tensors, momentum) -> None:
@@ -134,14 +101,10 @@ def ema_update_(teacher_tensors, student_tensors, momentum) -> None:
             raise ValueError(
                 f"student_tensors[{i}] is on {s.device} but teacher_tensors[{i}] is on {t.device}"
             )
-    if not teachers:
-        if not isinstance(momentum, (torch.Tensor, numbers.Real)) or isinstance(momentum, bool):
-            raise ValueError(
-                f"momentum must be a float or a 0-d float tensor, got {type(momentum).__name__}"
-            )
-        return
-    device = teachers[0].device
-    mom_tensor, mom_value, one_minus_mom_value = _check_momentum(momentum, device)
+    # A float64 momentum tensor stays float64: the kernel forms 1 - m before rounding m.
+    mom_tensor, mom_value = check_scalar(momentum, "momentum",
+                                         teachers[0].device if teachers else None,
+                                         "teacher_tensors", (torch.float32, torch.float64))
 
     groups = group_by([(t.dtype, s.dtype) for t, s in zip(teachers, students)])
     for (t_dtype, s_dtype), idx in groups.items():
@@ -157,7 +120,7 @@ def ema_update_(teacher_tensors, student_tensors, momentum) -> None:
             table.chunk_start,
             mom_tensor if mom_tensor is not None else table.numel,  # unused when a float
             mom_value,
-            one_minus_mom_value,
+            1.0 - mom_value,  # in double: see the module doc
             T_DTYPE=triton_dtype(t_dtype),
             S_DTYPE=triton_dtype(s_dtype),
             MOM_IS_PTR=mom_tensor is not None,

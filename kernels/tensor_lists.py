@@ -1,4 +1,4 @@
-"""Multi-tensor machinery shared by the EMA and the per-parameter clipping kernels.
+"""Multi-tensor tables and chunk helpers (EMA, clipping), and the checks all Triton kernels share.
 
 A *table* describes a list of tensors (or several pairwise-equal-numel lists, e.g. teacher and
 student parameters) so that ONE kernel launch covers all of them:
@@ -17,6 +17,11 @@ student parameters) so that ONE kernel launch covers all of them:
 - ``extra`` (n,): optional per-tensor integers for the caller (e.g. the output slot of a norm).
 - ``aligned``: every base address is 16-byte aligned, so kernels may add alignment hints.
 
+A kernel over a table runs one program per chunk, a piece of tensor ``chunk_tensor[program_id]``:
+``chunk_bounds`` and ``tensor_pointer`` give the chunk's bounds and typed base pointers, the main
+loop walks ``[start, min(main, start + CHUNK))`` in BLOCK steps masked with ``idx < main``, and
+``tail_block`` covers the leftover ``[main, numel)``.
+
 All the int64 arrays live in ONE device tensor (one host-to-device copy when a table is built).
 Tables are cached (LRU) by the tensors' (data_ptr, numel, dtype) and the device: the content of a
 table only depends on those, so a cache hit is always correct even if memory was reused. On a
@@ -26,6 +31,7 @@ hit nothing is copied and nothing synchronizes.
 from __future__ import annotations
 
 import collections
+import numbers
 import threading
 from dataclasses import dataclass
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
@@ -62,15 +68,45 @@ def check_device(tensor: torch.Tensor, name: str) -> None:
         )
 
 
-def check_float_tensor(tensor, name: str, dtypes=_FLOAT_DTYPES) -> None:
+def check_float_tensor(tensor, name: str, dtypes=_FLOAT_DTYPES, dim: Optional[int] = None) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if dim is not None and tensor.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(tensor.shape)}")
     if tensor.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise ValueError(f"{name} must have dtype in ({allowed}), got {tensor.dtype}")
     if not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
     check_device(tensor, name)
+
+
+def check_scalar(value, name: str, device: Optional[torch.device], tensors_name: str,
+                 tensor_dtypes=(torch.float32,)):
+    """A float or a 0-d float tensor for a kernel: (0-d tensor, 0.0) or (None, the float).
+
+    The kernels take a pointer and a float argument and read the one that is set. A tensor must
+    be on ``device``, the device of ``tensors_name`` (None: no tensors), where the kernel loads it
+    without a host sync; a dtype outside ``tensor_dtypes`` becomes float32.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(
+                f"{name} must be a float or a 0-d float tensor, got shape {tuple(value.shape)}"
+            )
+        if not value.is_floating_point():
+            raise ValueError(f"{name} tensor must be floating point, got {value.dtype}")
+        check_device(value, name)
+        if device is not None and value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the {tensors_name} are on {device}")
+        if value.dtype not in tensor_dtypes:
+            value = value.to(torch.float32)
+        return value.reshape(()), 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"{name} must be a float or a 0-d float tensor, got {type(value).__name__}"
+        )
+    return None, float(value)
 
 
 def check_tensor_list(tensors, name: str, dtypes=_FLOAT_DTYPES) -> List[torch.Tensor]:
@@ -189,11 +225,6 @@ def get_table(
     return table
 
 
-def clear_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
-
-
 def triton_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
@@ -212,3 +243,40 @@ def cast_rne(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
         return tl.where(x != x, x.to(tl.bfloat16), y)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def chunk_bounds(tensor, numel_ptr, main_ptr, chunk_start_ptr, ALIGNED: tl.constexpr):
+    """(start, numel, main) of this program's chunk, a piece of tensor ``tensor`` (the kernel
+    loads ``chunk_tensor[program_id]`` itself: the clipping's scale kernel skips the rest when
+    its tensor is not clipped).
+
+    With ALIGNED, start and main are declared multiples of TAIL = 16 elements (they are), so
+    that with 16-byte aligned bases (``tensor_pointer``) the main loop's masked accesses compile
+    to 16-byte vectors.
+    """
+    start = tl.load(chunk_start_ptr + tl.program_id(0))
+    numel = tl.load(numel_ptr + tensor)
+    main = tl.load(main_ptr + tensor)
+    if ALIGNED:
+        start = tl.multiple_of(start, 16)
+        main = tl.multiple_of(main, 16)
+    return start, numel, main
+
+
+@triton.jit
+def tensor_pointer(addrs, tensor, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Typed pointer to the first element of tensor ``tensor`` of a table list."""
+    base = tl.load(addrs + tensor).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)
+    return base
+
+
+@triton.jit
+def tail_block(start, numel, main, CHUNK: tl.constexpr, TAIL: tl.constexpr):
+    """(indices, mask) of the numel % TAIL leftover elements [main, numel), masked to the one
+    chunk that holds them."""
+    idx = main + tl.arange(0, TAIL)
+    mask = (idx < numel) & (idx >= start) & (idx < start + CHUNK)
+    return idx, mask
