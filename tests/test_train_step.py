@@ -93,6 +93,22 @@ def test_teacher_forward_after_a_step_uses_its_updated_position_embeddings(gener
         assert torch.equal(teacher(crops), copy.deepcopy(teacher)(crops))  # the copy recomputes
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_no_grad_forward_after_an_optimizer_step_uses_the_updated_position_embeddings(generator, optimizer):
+    # An evaluation inside the training process. The fused optimizers write pos_embed without
+    # bumping its version counter, which the student's interpolated-table cache is keyed on.
+    config = small_config(optimizer=optimizer)
+    student, _, _, _, step = make_setup(config)
+    images = torch.randn(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        student.backbone(images)  # fills the cache
+    step([random_crops(generator)], build_schedules(config, 4, 1).at(1), freeze_last_layer=False)
+    fresh, _ = build_student_and_teacher(config, torch.device("cpu"))
+    fresh.load_state_dict(student.state_dict())
+    with torch.no_grad():
+        assert torch.equal(student.backbone(images), fresh.backbone(images))
+
+
 def test_collapse_monitor_names_both_modes():
     monitor = CollapseMonitor(n_classes=1000, grace_steps=10)
     mode, message = monitor.sign(0.01, step=1)

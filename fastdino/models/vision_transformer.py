@@ -187,9 +187,12 @@ class VisionTransformer(nn.Module):
         The patch part of ``pos_embed`` is resized bicubically, as the release does; the CLS
         entry is kept. Without autograd recording through ``pos_embed`` (teacher, evaluation,
         inference) the result is cached per grid size and recomputed only after ``pos_embed``
-        changes (an optimizer or EMA step, ``load_state_dict``, a move to another device or
-        dtype). When gradients must reach ``pos_embed`` it is recomputed on every call, so each
-        forward has its own graph (a cached one would already be freed by the previous backward).
+        changes (``load_state_dict``, a move to another device or dtype, any in-place torch op:
+        an unfused optimizer, ``fastdino.ops.ema_update_``). torch's fused optimizers write
+        without bumping the version counter this relies on; ``fastdino.train.build_optimizer``'s
+        bump it after every step, and others need ``torch.autograd.graph.increment_version``.
+        When gradients must reach ``pos_embed`` it is recomputed on every call, so each forward
+        has its own graph (a cached one would already be freed by the previous backward).
         """
         native = self.pos_embed_grid
         if (grid_h, grid_w) == (native, native):

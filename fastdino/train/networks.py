@@ -90,12 +90,23 @@ def _last_layer_apart(groups: list[dict], network: nn.Module) -> list[dict]:
     return [group for group in split if group["params"]]
 
 
+def _mark_parameters_written(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    # The fused kernels write the parameters without bumping their version counters, which
+    # tell derived caches (the ViT's interpolated position tables) that the values changed.
+    torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group["params"]])
+
+
 def build_optimizer(config, network: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (or SGD, momentum 0.9) with the fused multi-tensor kernels; lr and weight decay are
-    set by the schedules before every step."""
+    set by the schedules before every step. Every step bumps the parameters' version counters,
+    as an unfused in-place update would."""
     groups = parameter_groups(network)
     fused = device.type in ("cuda", "cpu")
     if config.optimizer == "sgd":
-        return torch.optim.SGD(_last_layer_apart(groups, network), lr=0.0, momentum=0.9, fused=fused,
-                               foreach=None if fused else True)
-    return torch.optim.AdamW(groups, lr=0.0, fused=fused, foreach=None if fused else True)
+        optimizer = torch.optim.SGD(_last_layer_apart(groups, network), lr=0.0, momentum=0.9, fused=fused,
+                                    foreach=None if fused else True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=0.0, fused=fused, foreach=None if fused else True)
+    if fused:
+        optimizer.register_step_post_hook(_mark_parameters_written)
+    return optimizer
