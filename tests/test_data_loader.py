@@ -57,7 +57,7 @@ def test_batches_follow_the_contract(photos, backend, dtype):
     loader = build_multicrop_loader(photos, 4, n_local_crops=3, backend=backend, dtype=dtype, num_threads=2,
                                     recipe=MultiCropRecipe(**SMALL), verbose=False)
     assert loader.backend == {"dali": "dali-cpu", "torchvision": "torchvision"}[backend]
-    assert len(loader) == 6 and loader.num_images == 24
+    assert len(loader) == 6 and len(loader.plan.index) == 24
     batches = list(loader)
     assert len(batches) == 6
     for crops in batches:
@@ -179,6 +179,30 @@ def test_resume_continues_with_the_next_unseen_batch(photos, backend):
     assert torch.equal(next(iter(resumed))[2], epoch_0[0][2])
     with pytest.raises(ValueError, match="step=9"):
         resumed.load_state_dict({"epoch": 0, "step": 9})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_steps_group_micro_batches_across_epochs_with_one_pipeline(photos, backend, monkeypatch):
+    reference = make_loader(photos, backend, batch_size=5)  # 4 batches per epoch
+    epochs = [list(reference), list(reference)]
+    loader = build_multicrop_loader(photos, 5, n_local_crops=2, backend=backend, recipe=MultiCropRecipe(**SMALL),
+                                    num_threads=1, verbose=False, seed=5, batches_per_step=3)
+    assert len(loader) == 3 and loader.steps_per_epoch == 1  # the 4th batch fills no step
+    restarts = []
+    restart = loader._restart_stream
+    monkeypatch.setattr(loader, "_restart_stream", lambda: restarts.append(loader.state_dict()) or restart())
+    steps = loader.steps()
+    for expected_step in range(2):
+        step, batches = next(steps)
+        assert step == expected_step and len(batches) == 3
+        for batch, expected in zip(batches, epochs[expected_step][:3]):
+            assert all(torch.equal(a, b) for a, b in zip(batch, expected))
+        assert loader.state_dict() == {"epoch": expected_step + 1, "step": 0} and loader.steps_done == step + 1
+    assert restarts == [{"epoch": 0, "step": 0}]  # one pipeline across the epoch end
+    with pytest.raises(ValueError, match="step=1 is not the first batch of a group of batches_per_step=3"):
+        loader.load_state_dict({"epoch": 0, "step": 1})
+    with pytest.raises(ValueError, match="batches_per_step=5: an epoch of this shard has 4 batches"):
+        build_multicrop_loader(photos, 5, backend=backend, verbose=False, batches_per_step=5)
 
 
 def test_backend_choice_and_the_environment_override(monkeypatch):

@@ -12,14 +12,16 @@ the middle of an epoch. It also records each image's size, which the crop draws 
 from __future__ import annotations
 
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fastdino.runtime import get_logger
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+logger = get_logger("data")
 _SCAN_PROGRESS_EVERY = 50_000
 _LISTED_BAD_FILES = 20
 
@@ -135,7 +137,7 @@ def scan_images(data_path: str | os.PathLike, skip_bad_files: bool = False,
         for count, result in enumerate(pool.map(check_image_file, paths, chunksize=64), start=1):
             results.append(result)
             if verbose and count % _SCAN_PROGRESS_EVERY == 0:
-                print(f"fastdino.data: checked {count}/{len(paths)} images", file=sys.stderr, flush=True)
+                logger.info(f"checked {count}/{len(paths)} images")
     bad = [(path, result) for path, result in zip(paths, results) if isinstance(result, str)]
     if bad and not skip_bad_files:
         listed = "\n".join(f"  {path}: {reason}" for path, reason in bad[:_LISTED_BAD_FILES])
@@ -147,8 +149,8 @@ def scan_images(data_path: str | os.PathLike, skip_bad_files: bool = False,
     if not keep:
         raise ImageFolderError(f"none of the {len(paths)} files under {str(data_path)!r} is a usable image")
     if bad and verbose:
-        print(f"fastdino.data: skipped {len(bad)} bad files of {len(paths)} under {data_path} "
-              f"(first: {bad[0][0]}: {bad[0][1]})", file=sys.stderr, flush=True)
+        logger.warning(f"skipped {len(bad)} bad files of {len(paths)} under {data_path} "
+                       f"(first: {bad[0][0]}: {bad[0][1]})")
     return ImageIndex(
         paths=[paths[i] for i in keep],
         labels=np.asarray([labels[i] for i in keep], dtype=np.int64),

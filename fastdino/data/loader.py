@@ -4,24 +4,29 @@ Order: every epoch is a fresh permutation of the dataset drawn from (seed, epoch
 takes every n-th image of it, so shards are disjoint, equally long, and together cover the epoch
 (the at most n - 1 images left over are dropped, different ones each epoch). The loader's
 position (epoch, step) is the next batch it will yield; ``state_dict`` saves it and a loader
-restored from it continues with that batch, including its augmentation draws.
+restored from it continues with that batch, including its augmentation draws. One pipeline (or
+one set of workers) streams batch after batch across epoch ends; it is rebuilt only when the
+position is set to another place.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import os
-import sys
 from collections.abc import Iterator
 
 import numpy as np
 import torch
+
+from fastdino.runtime import get_logger
 
 from .image_files import DataLoadingError, ImageIndex, scan_images
 from .recipe import MultiCropRecipe, batch_generator, sample_crop_parameters
 
 DATA_BACKENDS = ("auto", "dali", "torchvision")
 DATA_BACKEND_ENV_VAR = "FASTDINO_DATA_BACKEND"
+logger = get_logger("data")
 
 
 def dali_available() -> bool:
@@ -87,25 +92,33 @@ class BatchPlan:
         crops = sample_crop_parameters(self.recipe, self.n_local_crops, self.index.sizes[indices], generator)
         return [self.index.paths[i] for i in indices], crops
 
-    def positions(self, epoch: int, step: int) -> Iterator[tuple[int, int]]:
-        """(epoch, step) from the given one onwards, across epoch ends, without end."""
+    def positions(self, epoch: int, step: int, steps_per_epoch: int) -> Iterator[tuple[int, int]]:
+        """(epoch, step) from the given one onwards, ``steps_per_epoch`` of each epoch (at most
+        ``self.steps_per_epoch``), across epoch ends, without end."""
         while True:
-            for current in range(step, self.steps_per_epoch):
+            for current in range(step, steps_per_epoch):
                 yield epoch, current
             epoch, step = epoch + 1, 0
 
 
 class MultiCropLoader:
     """Iterate for the rest of the current epoch's batches; each batch is a list of 2 + n_local
-    crops (B, 3, S, S), global crops first. See ``build_multicrop_loader``."""
+    crops (B, 3, S, S), global crops first. ``steps()`` goes on across epochs, in groups of
+    ``batches_per_step`` batches (gradient accumulation). See ``build_multicrop_loader``."""
 
     def __init__(self, plan: BatchPlan, backend: str, device: torch.device, dtype: torch.dtype,
-                 num_threads: int):
+                 num_threads: int, batches_per_step: int = 1):
+        if not 1 <= batches_per_step <= plan.steps_per_epoch:
+            raise ValueError(f"batches_per_step={batches_per_step}: an epoch of this shard has "
+                             f"{plan.steps_per_epoch} batches of batch_size={plan.batch_size}")
         self.plan = plan
         self.backend_name = backend
         self.device = device
         self.dtype = dtype
         self.num_threads = num_threads
+        self.batches_per_step = batches_per_step
+        # An epoch's leftover batches that do not fill a step are never read.
+        self.steps_per_epoch = plan.steps_per_epoch // batches_per_step
         self.epoch, self.step = 0, 0
         self._stream, self._stream_position = None, None
 
@@ -116,14 +129,12 @@ class MultiCropLoader:
             return "dali-gpu" if self.device.type == "cuda" else "dali-cpu"
         return "torchvision"
 
-    @property
-    def num_images(self) -> int:
-        return len(self.plan.index)
-
     def __len__(self) -> int:
-        return self.plan.steps_per_epoch
+        """Batches per epoch."""
+        return self.steps_per_epoch * self.batches_per_step
 
     def state_dict(self) -> dict:
+        """The position of the next batch: its epoch and its index in the epoch ("step")."""
         return {"epoch": self.epoch, "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
@@ -131,26 +142,45 @@ class MultiCropLoader:
         if epoch < 0 or not 0 <= step <= len(self):
             raise ValueError(f"loader position epoch={epoch}, step={step} is outside an epoch of "
                              f"{len(self)} batches")
+        if step % self.batches_per_step:
+            raise ValueError(f"loader position step={step} is not the first batch of a group of "
+                             f"batches_per_step={self.batches_per_step}")
         self.epoch, self.step = (epoch + 1, 0) if step == len(self) else (epoch, step)
 
     def set_epoch(self, epoch: int) -> None:
         self.load_state_dict({"epoch": epoch, "step": 0})
 
+    @property
+    def steps_done(self) -> int:
+        """Groups of ``batches_per_step`` batches before the current position, over all epochs."""
+        return self.epoch * self.steps_per_epoch + self.step // self.batches_per_step
+
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
-        while self.step < len(self):
+        return itertools.islice(self._batches(), len(self) - self.step)
+
+    def steps(self) -> Iterator[tuple[int, list[list[torch.Tensor]]]]:
+        """(step, batches) without end: the index of each group of ``batches_per_step``
+        consecutive batches over all epochs (``steps_done`` before it), and its batches."""
+        batches = self._batches()
+        while True:
+            step = self.steps_done
+            yield step, [next(batches) for _ in range(self.batches_per_step)]
+
+    def _batches(self) -> Iterator[list[torch.Tensor]]:
+        """Batches from the current position on, across epoch ends."""
+        while True:
             if self._stream_position != (self.epoch, self.step):
                 self._restart_stream()
             batch = next(self._stream)
             self.step += 1
+            if self.step == len(self):
+                self.epoch, self.step = self.epoch + 1, 0
             self._stream_position = (self.epoch, self.step)
             yield batch
-        self.epoch, self.step = self.epoch + 1, 0
-        if self._stream is not None:
-            self._stream_position = (self.epoch, 0)
 
     def _restart_stream(self):
         self._stream = None  # release the previous pipeline or workers first
-        positions = self.plan.positions(self.epoch, self.step)
+        positions = self.plan.positions(self.epoch, self.step, len(self))
         if self.backend_name == "dali":
             self._stream = _dali_stream(self.plan, positions, self.device, self.dtype, self.num_threads)
         else:
@@ -222,7 +252,8 @@ def build_multicrop_loader(data_path, batch_size: int, *, n_local_crops: int = 8
                            device=None, dtype: torch.dtype = torch.float32, shard_id: int = 0,
                            num_shards: int = 1, seed: int = 0, num_threads: int | None = None,
                            recipe: MultiCropRecipe | None = None, skip_bad_files: bool = False,
-                           drop_last: bool = True, verbose: bool = True) -> MultiCropLoader:
+                           drop_last: bool = True, batches_per_step: int = 1,
+                           verbose: bool = True) -> MultiCropLoader:
     """DINO multi-crop batches of the JPEG/PNG images under ``data_path``.
 
     data_path: an image folder (class subfolders or flat) or a text file listing image paths.
@@ -235,6 +266,8 @@ def build_multicrop_loader(data_path, batch_size: int, *, n_local_crops: int = 8
     shard_id / num_shards: this rank's part of every epoch (torch.distributed rank and world
     size). Every file is checked before the first batch: bad ones raise ``ImageFolderError``
     naming them, or are left out and counted with ``skip_bad_files=True``.
+    batches_per_step: the micro-batches of one optimizer step (gradient accumulation), which
+    ``MultiCropLoader.steps`` yields together; an epoch then ends after the last full group.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
@@ -252,10 +285,9 @@ def build_multicrop_loader(data_path, batch_size: int, *, n_local_crops: int = 8
     index = scan_images(data_path, skip_bad_files=skip_bad_files, verbose=verbose and shard_id == 0)
     plan = BatchPlan(index, batch_size, recipe or MultiCropRecipe(), n_local_crops, seed, shard_id,
                      num_shards, drop_last)
-    loader = MultiCropLoader(plan, chosen, device, dtype, num_threads)
+    loader = MultiCropLoader(plan, chosen, device, dtype, num_threads, batches_per_step)
     if verbose and shard_id == 0:
         skipped = f", {len(index.skipped)} bad files skipped" if index.skipped else ""
-        print(f"fastdino.data: {loader.backend} backend, {len(index)} images{skipped}, "
-              f"{num_shards} shard(s) of {len(loader)} batches of {batch_size}, "
-              f"2+{n_local_crops} crops, {num_threads} threads", file=sys.stderr, flush=True)
+        logger.info(f"{loader.backend} backend, {len(index)} images{skipped}, {num_shards} shard(s) of "
+                    f"{len(loader)} batches of {batch_size}, 2+{n_local_crops} crops, {num_threads} threads")
     return loader

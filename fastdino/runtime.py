@@ -1,0 +1,299 @@
+"""The process a fastdino command runs in: its place in a torchrun job, its device, its log, and
+files written whole. ``fastdino.train``, ``fastdino.eval`` and ``fastdino.visualize`` share it.
+
+- ``start_runtime`` / ``runtime``: torchrun (one node, several, or under SLURM's ``srun``)
+  exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; with them the process joins
+  the job's process group (NCCL on GPUs, gloo on CPUs). Without them it is a job of one process
+  and torch.distributed stays uninitialized (fastdino's collectives then skip themselves).
+- ``select_device``: "auto" is this rank's GPU (LOCAL_RANK) when CUDA is available, else the CPU.
+- ``get_logger``: the ``fastdino.*`` loggers. One handler on the ``fastdino`` logger writes
+  ``fastdino.train: message`` lines to stderr, on rank 0 only (other ranks print errors only),
+  above the one live status line (a progress bar) when stderr is a terminal.
+- ``atomic_save``: ``torch.save`` to a hidden temporary file, fsync, rename: a reader never sees
+  a half-written file, and a killed write leaves the previous file untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+DEVICES = ("auto", "cpu", "cuda")
+PARTIAL_MARKER = ".partial-"  # in the names of atomic_save's temporary files
+
+
+# -- the job and the device ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # "nccl", "gloo", or None for a single process
+    owns_process_group: bool = False  # this runtime initialized it, so it destroys it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def initialized(self) -> bool:
+        return self.backend is not None
+
+    def barrier(self) -> None:
+        if not self.initialized:
+            return
+        if self.backend == "nccl":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def device_type(requested: str | None) -> str:
+    """"cuda" or "cpu" (or another torch device type) for a ``select_device`` request."""
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(requested).type
+
+
+def select_device(requested: str | None = "auto", local_rank: int = 0) -> torch.device:
+    """The device this process computes on, made the current CUDA device when it is a GPU.
+
+    requested: "auto" (or None): GPU ``local_rank`` when CUDA is available, else the CPU;
+    "cuda": GPU ``local_rank``; "cuda:N": that GPU; "cpu".
+    """
+    device = torch.device(device_type(requested) if requested in (None, "auto") else requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {requested!r}: no CUDA device is available")
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {requested!r} with LOCAL_RANK={local_rank}: only "
+                               f"{torch.cuda.device_count()} CUDA device(s) are visible; use "
+                               f"--nproc_per_node <= the GPU count")
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    return device
+
+
+def start_runtime(device: str | None = "auto", timeout_minutes: float = 30) -> Runtime:
+    """Join the process group torchrun describes (if any) and pick this rank's device."""
+    if not launched_by_torchrun():
+        return Runtime(0, 1, 0, select_device(device, 0), None)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    chosen = select_device(device, local_rank)
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
+    if dist.is_initialized():  # e.g. a caller's own set-up: use it, leave it to the caller
+        return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, chosen, dist.get_backend())
+    # Checkpoint writes and slow file systems happen between collectives: be generous.
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=timeout_minutes),
+                            device_id=chosen if chosen.type == "cuda" else None)
+    return Runtime(rank, world_size, local_rank, chosen, backend, owns_process_group=True)
+
+
+def stop_runtime(runtime: Runtime) -> None:
+    if runtime.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def runtime_scope(device: str | None = "auto", timeout_minutes: float = 30) -> Iterator[Runtime]:
+    """``start_runtime`` for the block, and the process group torn down after it."""
+    current = start_runtime(device, timeout_minutes)
+    try:
+        yield current
+    finally:
+        stop_runtime(current)
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def process_rank() -> int:
+    """torch.distributed's rank once initialized, before that torchrun's RANK (0 when alone)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def unwrap_parallel(module: nn.Module) -> nn.Module:
+    """The network inside DistributedDataParallel / DataParallel (they keep it as ``.module``)."""
+    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return module.module
+    return module
+
+
+# -- files ------------------------------------------------------------------------------------------
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not every platform opens directories; the rename is still atomic
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def partial_path(path: Path) -> Path:
+    """The hidden temporary name this process writes ``path`` under before renaming it."""
+    return path.with_name(f".{path.name}{PARTIAL_MARKER}{os.getpid()}")
+
+
+def atomic_save(payload, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside ``path``, fsync, then rename it to ``path``."""
+    path = Path(path)
+    temporary = partial_path(path)
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+# -- the log ----------------------------------------------------------------------------------------
+
+LOGGER_NAME = "fastdino"
+REDRAW_SECONDS = 0.2
+BAR_WIDTH = 24
+
+
+class _Console(logging.Handler):
+    """``name: message`` lines on stderr (looked up when written, so redirections and pytest's
+    capture see them), kept above the status line when stderr is a terminal."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.status = ""
+
+    @staticmethod
+    def stream():
+        return sys.stderr
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.ERROR and process_rank() != 0:
+            return
+        try:
+            prefix = {logging.WARNING: "WARNING: ", logging.ERROR: "error: "}.get(record.levelno, "")
+            text = f"{record.name}: {prefix}{record.getMessage()}"
+            if record.exc_info and record.levelno >= logging.ERROR:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            stream = self.stream()
+            self._erase_status(stream)
+            stream.write(text + "\n")
+            if self.status:
+                stream.write(self.status)
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def _erase_status(self, stream) -> None:
+        if self.status:
+            stream.write("\r" + " " * len(self.status) + "\r")
+
+    def show_status(self, text: str) -> None:
+        stream = self.stream()
+        self._erase_status(stream)
+        self.status = text[:200]
+        stream.write(self.status)
+        stream.flush()
+
+    def end_status(self) -> None:
+        if self.status:
+            stream = self.stream()
+            stream.write("\n")
+            stream.flush()
+            self.status = ""
+
+
+def _console() -> _Console:
+    root = logging.getLogger(LOGGER_NAME)
+    for handler in root.handlers:
+        if isinstance(handler, _Console):
+            return handler
+    handler = _Console()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False  # one copy of each line, even where the root logger has a handler
+    return handler
+
+
+def get_logger(component: str) -> logging.Logger:
+    """``fastdino.<component>``, writing through fastdino's one console handler."""
+    _console()
+    return logging.getLogger(f"{LOGGER_NAME}.{component}")
+
+
+def status_line_available() -> bool:
+    """A live status line is drawn only on rank 0, and only when stderr is a terminal."""
+    return process_rank() == 0 and sys.stderr.isatty()
+
+
+class ProgressBar:
+    """``label |#####.......| done/total rate ETA summary`` as the live status line of a terminal
+    (redrawn at most every REDRAW_SECONDS); nothing elsewhere (callers log plain lines there)."""
+
+    def __init__(self, total: int, start: int = 0, unit: str = "it"):
+        self.total, self.start, self.unit = total, start, unit
+        self.enabled = status_line_available()
+        self.started = time.perf_counter()
+        self.last_draw = 0.0
+
+    def update(self, done: int, label: str = "", summary: str = "", force: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or not (force or done == self.total or now - self.last_draw >= REDRAW_SECONDS):
+            return
+        self.last_draw = now
+        fraction = done / self.total if self.total else 1.0
+        filled = int(BAR_WIDTH * fraction)
+        rate = (done - self.start) / (now - self.started) if done > self.start else 0.0
+        eta = str(datetime.timedelta(seconds=round((self.total - done) / rate))) if rate else "?"
+        _console().show_status(f"{label} |{'#' * filled}{'.' * (BAR_WIDTH - filled)}| {done}/{self.total} "
+                               f"{rate:.2f} {self.unit}/s ETA {eta} {summary}".strip())
+
+    def close(self) -> None:
+        if self.enabled:
+            _console().end_status()
+
+
+def track(iterable: Iterable, total: int, description: str, logger: logging.Logger) -> Iterator:
+    """The items of ``iterable``, with a progress bar on a terminal, else a line every ~10%."""
+    bar = ProgressBar(total)
+    every = max(1, total // 10)
+    try:
+        for count, item in enumerate(iterable, start=1):
+            yield item
+            if bar.enabled:
+                bar.update(count, description)
+            elif count % every == 0 or count == total:
+                logger.info(f"{description}: {count}/{total}")
+    finally:
+        bar.close()
