@@ -36,6 +36,15 @@ def test_cosine_schedule_matches_the_release(base, final, epochs, niter, warmup,
         ours[len(ours)]
 
 
+@pytest.mark.parametrize("warmup_iterations", range(6))
+def test_warmup_of_any_length_is_numpy_linspace(warmup_iterations):
+    # np.linspace(start, stop, 1) is [start]: a one-iteration warm-up stays at the start value.
+    ours = cosine_schedule(1.0, 0.1, 6, 1, warmup_epochs=warmup_iterations, start_warmup_value=0.2)
+    expected = release_cosine_scheduler(1.0, 0.1, 6, 1, warmup_iterations, 0.2)
+    assert [ours[i] for i in range(warmup_iterations)] == expected[:warmup_iterations].tolist()
+    np.testing.assert_allclose([ours[i] for i in range(len(ours))], expected, rtol=1e-13, atol=1e-16)
+
+
 def test_training_schedules_scale_lr_with_the_global_batch_and_follow_the_formulas():
     config = resolve_config("vit_small_p16", ["epochs=20", "warmup_epochs=3", "warmup_teacher_temp_epochs=5",
                                               "teacher_temp=0.07", "batch_size_per_gpu=32",

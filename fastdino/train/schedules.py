@@ -22,8 +22,8 @@ class CosineSchedule:
     """The release's ``cosine_scheduler`` as a sequence: ``schedule[it]`` for it in [0, len).
 
     ``warmup_iterations`` values rise linearly from ``start_warmup_value`` to ``base_value``
-    (both included, as ``np.linspace``), then a half cosine falls from ``base_value`` towards
-    ``final_value`` over the remaining iterations.
+    (both included, as ``np.linspace``; a single one is the start value), then a half cosine
+    falls from ``base_value`` towards ``final_value`` over the remaining iterations.
     """
 
     base_value: float
@@ -46,6 +46,8 @@ class CosineSchedule:
                              f"{self.total_iterations} iterations")
         warmup = self.warmup_iterations
         if iteration < warmup:
+            if warmup == 1:
+                return float(self.start_warmup_value)  # np.linspace(start, stop, 1) is [start]
             if iteration == warmup - 1:
                 return float(self.base_value)  # np.linspace ends exactly on its stop value
             step = (self.base_value - self.start_warmup_value) / (warmup - 1)
