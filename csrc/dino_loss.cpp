@@ -1,18 +1,8 @@
 // Fused DINO cross-entropy loss, forward + gradient in one pass over the student logits (CPU).
 //
-// Math (OPS_CONTRACT.md section 1). For a student row s (crop v of sample b), x = s / tau_s,
-// teacher mixture Q = sum of the teacher softmaxes P_i paired with this crop (n_t of them, so
-// sum_k Q(k) = n_t), and N = B * n_pairs:
-//   L    = -sum_k Q(k) log_softmax(x)(k) = n_t * lse(x) - sum_k Q(k) x(k)
-//   dL/dx_k = n_t * softmax(x)(k) - Q(k)             (d lse / dx_k = softmax(x)(k))
-//   d loss / d s_k = (n_t * softmax(x)(k) - Q(k)) / (tau_s * N)      (dx_k / ds_k = 1 / tau_s)
-// Q does not depend on s (the teacher is detached), so no other term appears.
-//
-// Numerics. With M = max_k x(k) and S = sum_k exp(x(k) - M), lse = M + log S, and using
-// sum_k Q(k) = n_t:
-//   L = n_t * log S + sum_k Q(k) (M - x(k)).
-// Both terms are sums of non-negative numbers, so L is computed without the cancellation of
-// n_t * lse - Q.x (two numbers of size |x| ~ 100 whose difference is a few units).
+// Math and its derivation: OPS_CONTRACT.md section 1, including the cancellation-free row loss
+// L = n_t log S + sum_k Q(k) (M - x(k)) (M = max_k x(k), S = sum_k exp(x(k) - M)) computed here.
+// Below, N = B * n_pairs.
 //
 // Design (the op is memory bound on the student logits, and exp dominates the arithmetic):
 //   * parallel over samples b; each task (one per thread) owns a contiguous range of samples and

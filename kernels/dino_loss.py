@@ -1,22 +1,14 @@
-"""Fused DINO cross-entropy loss forward + gradient (Triton), see OPS_CONTRACT.md section 1.
+"""Fused DINO cross-entropy loss forward + gradient (Triton).
 
-Notation: student rows r = v*B + b (crop v of sample b), teacher rows i*B + b (global crop i),
-G = n_global_crops, x = s / tau_s, P_i = softmax((t_i - c) / tau_t),
-Q_v = sum_{i < G, i != v} P_i, n_t(v) = |{i < G, i != v}| (= G - 1 if v < G else G),
-n_pairs = G * ncrops - G.
-
-Gradient derivation. The row loss is
-    L_v = -sum_k Q_v(k) log_softmax(x_v)(k) = -sum_k Q_v(k) (x_v(k) - lse(x_v))
-        = n_t(v) lse(x_v) - sum_k Q_v(k) x_v(k)          (sum_k Q_v(k) = n_t(v))
-and loss = sum_{v,b} L_v,b / (B n_pairs). Q does not depend on the student (the teacher is
-detached), d lse(x)/d x_k = softmax(x)_k and d x_k / d s_k = 1 / tau_s, so
-    d loss / d s_v(k) = (n_t(v) softmax(x_v)(k) - Q_v(k)) / (tau_s B n_pairs).
-The gradient is produced here, in the forward; the backward only scales it by grad_output.
+Math and its derivation: OPS_CONTRACT.md section 1, whose notation this file uses (student row
+r = v*B + b is crop v of sample b, teacher row i*B + b global crop i, G = n_global_crops,
+x = s / tau_s, P_i, Q_v, n_t(v), n_pairs).
 
 All exponentials are base 2 (``exp2`` is the native instruction): with z2 = z * log2(e),
 softmax(z) = exp2(z2 - lse2(z2)) and lse(z) = lse2(z2) * ln(2). The kernels work on
-x2 = s * (log2(e) / tau_s) and z2 = (t - c) * (log2(e) / tau_t); for a row,
-L = ln(2) * (n_t * lse2(x2) - sum_k Q(k) x2(k)).
+x2 = s * (log2(e) / tau_s) and z2 = (t - c) * (log2(e) / tau_t); the row loss is taken in the
+direct form L = ln(2) * (n_t * lse2(x2) - sum_k Q(k) x2(k)), not the contract's
+cancellation-free one.
 
 Kernels (everything accumulated in float32, whatever the input dtypes):
 

@@ -8,7 +8,7 @@ center c, student temperature tau_s and teacher temperature tau_t:
 
 The fused backends ("cpp", "triton") compute the loss, its gradient with respect to the student
 logits (so the backward is only a scale) and the column sum of the teacher logits (for the
-center update) in one call; see OPS_CONTRACT.md and the kernels for the derivation.
+center update) in one call; OPS_CONTRACT.md section 1 derives them.
 """
 
 from __future__ import annotations
