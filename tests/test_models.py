@@ -419,19 +419,29 @@ def test_vit_rejects_bad_shapes(generator):
 
 # -- head and wrapper --------------------------------------------------------------------------
 
-def release_head(in_dim, out_dim, hidden_dim, bottleneck_dim, parametrization, use_bn=False):
-    """The release's DINOHead layout built from torch modules (old or new weight norm)."""
+def release_head(in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3, hidden_dim=2048,
+                 bottleneck_dim=256, parametrization=False):
+    """The release's DINOHead (its arguments, layout and frozen magnitude) built from torch
+    modules, with the old or the new weight norm."""
     head = nn.Module()
-    norm = (lambda: [nn.BatchNorm1d(hidden_dim)]) if use_bn else list
-    head.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), *norm(), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                             *norm(), nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+    if nlayers == 1:
+        head.mlp = nn.Linear(in_dim, bottleneck_dim)
+    else:
+        norm = (lambda: [nn.BatchNorm1d(hidden_dim)]) if use_bn else list
+        layers = [nn.Linear(in_dim, hidden_dim), *norm(), nn.GELU()]
+        for _ in range(nlayers - 2):
+            layers += [nn.Linear(hidden_dim, hidden_dim), *norm(), nn.GELU()]
+        head.mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, bottleneck_dim))
     linear = nn.Linear(bottleneck_dim, out_dim, bias=False)
     if parametrization:
         head.last_layer = nn.utils.parametrizations.weight_norm(linear)
+        magnitude = head.last_layer.parametrizations.weight.original0
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # deprecated, but the release uses it
             head.last_layer = nn.utils.weight_norm(linear)
+        magnitude = head.last_layer.weight_g
+    magnitude.requires_grad_(not norm_last_layer)
     head.forward = lambda x: head.last_layer(F.normalize(head.mlp(x), dim=-1, p=2))
     return head
 
@@ -447,14 +457,29 @@ def test_head_layout_and_norm_last_layer(generator):
     assert torch.allclose(weight.norm(dim=1), torch.ones(100))
     assert head(torch.randn(5, 32, generator=generator)).shape == (5, 100)
     assert DINOHead(32, out_dim=10, norm_last_layer=False).last_layer.weight_g.requires_grad
-    single = DINOHead(32, out_dim=10, bottleneck_dim=8, n_layers=1)
+    single = DINOHead(32, out_dim=10, bottleneck_dim=8, nlayers=1)
     assert list(single.state_dict())[:2] == ["mlp.weight", "mlp.bias"]
     with pytest.raises(ValueError, match="at least one layer"):
-        DINOHead(32, n_layers=0)
+        DINOHead(32, nlayers=0)
+
+
+@pytest.mark.parametrize("args, kwargs", [
+    ((32, 100, True), {}),  # the release's teacher head: DINOHead(embed_dim, out_dim, use_bn_in_head)
+    ((32, 100), dict(use_bn=True, norm_last_layer=False)),  # and its student head
+    ((32, 100, False, False, 2, 24, 8), {}),  # every argument by position
+    ((32, 100), dict(nlayers=4, hidden_dim=24, bottleneck_dim=8)),
+    ((32, 100, False, True, 1), dict(bottleneck_dim=8)),
+])
+def test_head_takes_the_release_arguments_and_builds_its_module(args, kwargs):
+    head, reference = DINOHead(*args, **kwargs), release_head(*args, **kwargs)
+    assert ({key: value.shape for key, value in head.state_dict().items()}
+            == {key: value.shape for key, value in reference.state_dict().items()})
+    assert ({name: p.requires_grad for name, p in head.named_parameters()}
+            == {name: p.requires_grad for name, p in reference.named_parameters()})
 
 
 def test_head_with_batch_norm_is_the_release_use_bn_head(generator):
-    reference = randomize_parameters(release_head(32, 100, 24, 8, False, use_bn=True), generator)
+    reference = randomize_parameters(release_head(32, 100, use_bn=True, hidden_dim=24, bottleneck_dim=8), generator)
     head = DINOHead(32, out_dim=100, hidden_dim=24, bottleneck_dim=8, use_bn=True)
     assert [key for key in head.state_dict() if key.endswith("running_mean")] == [
         "mlp.1.running_mean", "mlp.4.running_mean"]
@@ -468,13 +493,14 @@ def test_head_with_batch_norm_is_the_release_use_bn_head(generator):
 
 @pytest.mark.parametrize("parametrization", [False, True], ids=["weight_g/weight_v", "parametrizations"])
 def test_head_loads_both_key_styles_both_ways(generator, parametrization):
-    reference = randomize_parameters(release_head(32, 100, 24, 8, parametrization), generator)
+    reference = randomize_parameters(release_head(32, 100, hidden_dim=24, bottleneck_dim=8,
+                                                  parametrization=parametrization), generator)
     head = DINOHead(32, out_dim=100, hidden_dim=24, bottleneck_dim=8)
     head.load_state_dict(reference.state_dict(), strict=True)  # their keys -> ours
     features = torch.randn(6, 32, generator=generator)
     with torch.no_grad():
         assert max_relative_difference(head(features), reference(features)) <= FP32_TOLERANCE
-    fresh = release_head(32, 100, 24, 8, parametrization)
+    fresh = release_head(32, 100, hidden_dim=24, bottleneck_dim=8, parametrization=parametrization)
     style = "parametrization" if parametrization else "release"
     fresh.load_state_dict(convert_weight_norm_keys(head.state_dict(), style), strict=True)  # ours -> theirs
     with torch.no_grad():

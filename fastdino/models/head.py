@@ -78,8 +78,10 @@ def _accept_parametrization_keys(module, state_dict, prefix, *_):
 class DINOHead(nn.Module):
     """MLP -> L2 normalization -> weight-normalized linear layer to ``out_dim`` prototypes.
 
-    Features (N, in_dim) -> logits (N, out_dim). The MLP is in_dim -> hidden_dim (x n_layers - 1)
-    -> bottleneck_dim with GELU between layers; with n_layers=1 it is a single linear layer.
+    The release's arguments, in its order (``DINOHead(embed_dim, out_dim, use_bn_in_head)`` as in
+    its ``main_dino.py``). Features (N, in_dim) -> logits (N, out_dim). The MLP is in_dim ->
+    hidden_dim (x nlayers - 1) -> bottleneck_dim with GELU between layers; with nlayers=1 it is a
+    single linear layer.
     use_bn=True puts a BatchNorm1d after each hidden linear layer, as the release's
     ``--use_bn_in_head`` (off by default there): the batch statistics remove the component
     all images share, which matters when the backbone's features barely differ across images
@@ -91,17 +93,17 @@ class DINOHead(nn.Module):
     False), so only the prototype directions are learned; the release recommends it for stability.
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, n_layers: int = 3, norm_last_layer: bool = True,
-                 use_bn: bool = False):
+    def __init__(self, in_dim: int, out_dim: int = 65536, use_bn: bool = False,
+                 norm_last_layer: bool = True, nlayers: int = 3, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256):
         super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"n_layers={n_layers}: the head needs at least one layer")
-        if n_layers == 1:
+        if nlayers < 1:
+            raise ValueError(f"nlayers={nlayers}: the head needs at least one layer")
+        if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
             layers = []
-            for layer_in in [in_dim] + [hidden_dim] * (n_layers - 2):
+            for layer_in in [in_dim] + [hidden_dim] * (nlayers - 2):
                 layers.append(nn.Linear(layer_in, hidden_dim))
                 if use_bn:
                     layers.append(nn.BatchNorm1d(hidden_dim))
