@@ -96,12 +96,15 @@ def _requested(backend: str) -> tuple[str, str]:
 
 
 def resolve_backend(op_name: str, backend: str, tensors: list[torch.Tensor],
-                    scalars: list[torch.Tensor] = ()) -> str:
+                    scalars: list[torch.Tensor] = (), fused_unsupported: str = "") -> str:
     """Pick the concrete backend for ``tensors``, or raise a clear error naming it and why.
 
     Floating dtypes other than float32/bfloat16/float16 (float64 in tests) run on "torch"
     under "auto", and are rejected by the fused backends. ``scalars`` (0-d arguments such as a
     momentum, which every backend reads in any float dtype) only have to be on the same device.
+    ``fused_unsupported`` says why the fused backends cannot take these tensors ("" when they
+    can): "auto" then falls back to "torch" with the one-time warning, and an explicit "cpp" or
+    "triton" raises BackendUnavailableError.
     """
     name, source = _requested(backend)
     devices = {tensor.device for tensor in [*tensors, *scalars]}
@@ -127,6 +130,9 @@ def resolve_backend(op_name: str, backend: str, tensors: list[torch.Tensor],
         except BackendUnavailableError as error:
             _warn_fallback_once(op_name, str(error))
             return "torch"
+        if fused_unsupported:
+            _warn_fallback_once(op_name, fused_unsupported)
+            return "torch"
         return name
 
     if name == "torch":
@@ -140,6 +146,8 @@ def resolve_backend(op_name: str, backend: str, tensors: list[torch.Tensor],
         _check_runs(name, device)
     except BackendUnavailableError as error:
         raise BackendUnavailableError(f"{op_name}: {source}: {error}") from None
+    if fused_unsupported:
+        raise BackendUnavailableError(f"{op_name}: backend '{name}' ({source}): {fused_unsupported}")
     return name
 
 

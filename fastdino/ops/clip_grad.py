@@ -23,6 +23,19 @@ def clip_grad_per_param_reference(grads: list[torch.Tensor], max_norm: float) ->
     torch._foreach_mul_(grads, list(coefficients.unbind()))
     return norms
 
+
+def _why_not_fused(indexed_grads: list[tuple[int, torch.Tensor]]) -> str:
+    """Why the fused kernels cannot clip these gradients, "" when they can."""
+    for index, grad in indexed_grads:
+        if not grad.is_contiguous():
+            return (
+                f"the gradient of parameter {index} (shape {tuple(grad.shape)}, strides "
+                f"{grad.stride()}) is not contiguous, and the fused kernels clip contiguous "
+                "gradients only"
+            )
+    return ""
+
+
 @torch.no_grad()
 def clip_grad_per_param_(
     parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float, backend: str = "auto"
@@ -32,17 +45,21 @@ def clip_grad_per_param_(
 
     Parameters without a gradient are skipped. Returns the gradient norms before clipping as a
     float32 tensor on the gradients' device (one entry per parameter with a gradient), without
-    synchronizing the host.
+    synchronizing the host. A non-contiguous gradient runs the "torch" reference under
+    ``backend="auto"`` (with a one-time warning); "cpp" or "triton" raise
+    BackendUnavailableError naming the parameter.
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
+    indexed_grads = [(index, p.grad) for index, p in enumerate(parameters) if p.grad is not None]
+    if not indexed_grads:
         return torch.zeros(0)
     if not max_norm > 0:
         raise ValueError(f"clip_grad_per_param_: max_norm must be > 0, got {max_norm!r}")
-    name = resolve_backend("clip_grad_per_param_", backend, grads)
-    if name == "torch" or any(not g.is_contiguous() for g in grads):
+    grads = [grad for _, grad in indexed_grads]
+    name = resolve_backend("clip_grad_per_param_", backend, grads,
+                           fused_unsupported=_why_not_fused(indexed_grads))
+    if name == "torch":
         return clip_grad_per_param_reference(grads, max_norm)
     kernels = cpp_extension() if name == "cpp" else triton_kernels()
     return kernels.clip_grad_per_param_(grads, float(max_norm), CLIP_EPS)
