@@ -121,6 +121,55 @@ def test_accuracies_on_a_hand_computed_example():
     assert votes.argmax() == 0 and votes[1] > 0
 
 
+def release_knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes):
+    """knn_classifier of the release's eval_knn.py, line for line, also returning its ranking of
+    the classes for every test sample."""
+    top1, top5, total = 0.0, 0.0, 0
+    train_features = train_features.t()
+    num_test_images, num_chunks = test_labels.shape[0], 100
+    imgs_per_chunk = num_test_images // num_chunks
+    retrieval_one_hot = torch.zeros(k, num_classes).to(train_features.device)
+    rankings = []
+    for idx in range(0, num_test_images, imgs_per_chunk):
+        features = test_features[idx: min((idx + imgs_per_chunk), num_test_images), :]
+        targets = test_labels[idx: min((idx + imgs_per_chunk), num_test_images)]
+        batch_size = targets.shape[0]
+        similarity = torch.mm(features, train_features)
+        distances, indices = similarity.topk(k, largest=True, sorted=True)
+        candidates = train_labels.view(1, -1).expand(batch_size, -1)
+        retrieved_neighbors = torch.gather(candidates, 1, indices)
+        retrieval_one_hot.resize_(batch_size * k, num_classes).zero_()
+        retrieval_one_hot.scatter_(1, retrieved_neighbors.view(-1, 1), 1)
+        distances_transform = distances.clone().div_(T).exp_()
+        probs = torch.sum(torch.mul(retrieval_one_hot.view(batch_size, -1, num_classes),
+                                    distances_transform.view(batch_size, -1, 1)), 1)
+        _, predictions = probs.sort(1, True)
+        correct = predictions.eq(targets.data.view(-1, 1))
+        top1 = top1 + correct.narrow(1, 0, 1).sum().item()
+        top5 = top5 + correct.narrow(1, 0, min(5, k)).sum().item()
+        total += targets.size(0)
+        rankings.append(predictions)
+    return top1 * 100.0 / total, top5 * 100.0 / total, torch.cat(rankings)
+
+
+@pytest.mark.parametrize("num_classes", [10, 1000])
+def test_classes_without_votes_tie_in_the_release_order(generator, num_classes):
+    # Training samples of 3 classes: every other class ties at 0 votes, and which of them fill
+    # the top 5 is the order of the release's sort (on the CPU, class index for 10 classes but
+    # not for 1000). Labels: the release's 5th-ranked class (a hit) or its 6th (a miss).
+    train_features = random_features(generator, 300, 16, 3)[0].float()
+    train_labels = torch.randint(3, (300,), generator=generator)
+    test_features = random_features(generator, 200, 16, 3)[0].float()
+    *_, ranking = release_knn_classifier(train_features, train_labels, test_features,
+                                         torch.zeros(200, dtype=torch.long), 20, 0.07, num_classes)
+    test_labels = torch.where(torch.arange(200) % 2 == 0, ranking[:, 4], ranking[:, 5])
+    expected = release_knn_classifier(train_features, train_labels, test_features, test_labels, 20, 0.07,
+                                      num_classes)[:2]
+    assert expected == (0.0, 50.0)
+    assert knn_classifier(train_features, train_labels, test_features, test_labels, 20, 0.07,
+                          num_classes) == expected
+
+
 def test_k_larger_than_the_training_set_is_refused():
     features = F.normalize(torch.randn(5, 3), dim=1)
     with pytest.raises(ValueError, match="k=6"):

@@ -46,12 +46,15 @@ def knn_votes(train_features: torch.Tensor, train_labels: torch.Tensor,
     """Each class's summed vote for each test sample: (M, num_classes).
 
     The k training features most similar to a test feature (dot products: cosine similarities
-    for L2-normalized features) each give their class exp(similarity / temperature).
+    for L2-normalized features) each give their class exp(similarity / temperature), summed as
+    the release does (over a (M * k, num_classes) one-hot matrix, in its rounding) for its sort
+    to rank the classes, ties included, as it does there.
     """
     similarity, neighbors = (test_features @ train_features.T).topk(k, dim=1)
-    votes = torch.zeros(test_features.shape[0], num_classes, dtype=similarity.dtype,
-                        device=similarity.device)
-    return votes.scatter_add_(1, train_labels[neighbors], similarity.div(temperature).exp())
+    one_hot = torch.zeros(neighbors.numel(), num_classes, dtype=similarity.dtype, device=similarity.device)
+    one_hot.scatter_(1, train_labels[neighbors].view(-1, 1), 1)
+    weights = similarity.div(temperature).exp()
+    return (one_hot.view(*neighbors.shape, num_classes) * weights.unsqueeze(-1)).sum(1)
 
 
 @torch.no_grad()
@@ -63,8 +66,9 @@ def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor,
 
     Features are expected L2-normalized. train_features (N, D), train_labels (N,),
     test_features (M, D), test_labels (M,). num_classes defaults to the largest label + 1.
-    Top-5 counts the min(5, k) best-voted classes, as the release does. Test samples go
-    ``test_chunk_size`` at a time, bounding the (chunk, N) similarity matrix.
+    Top-5 counts the min(5, k) best-voted classes, as the release does; classes with equal votes
+    (those without any) are ranked by the release's sort. Test samples go ``test_chunk_size`` at
+    a time, bounding the (chunk, N) similarity matrix and the (chunk * k, num_classes) one-hot.
     """
     if not 1 <= k <= train_features.shape[0]:
         raise ValueError(f"k={k} must be between 1 and the number of training samples "
@@ -76,7 +80,9 @@ def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor,
     for start in range(0, test_features.shape[0], test_chunk_size):
         votes = knn_votes(train_features, train_labels, test_features[start:start + test_chunk_size],
                           k, temperature, num_classes)
-        hits = votes.topk(top_classes, dim=1).indices == test_labels[start:start + test_chunk_size, None]
+        # The release's (unstable) sort, for its order of tied classes, which topk does not keep.
+        ranking = votes.sort(dim=1, descending=True).indices[:, :top_classes]
+        hits = ranking == test_labels[start:start + test_chunk_size, None]
         correct_top1 += hits[:, 0].sum().item()
         correct_top5 += hits.any(dim=1).sum().item()
     total = test_features.shape[0]
