@@ -6,12 +6,12 @@ import random
 import pytest
 import torch
 
-import fastdino.train.checkpointing as checkpointing
+import fastdino.runtime as runtime
 from fastdino.models import load_dino_checkpoint, read_checkpoint, select_state_dict
+from fastdino.runtime import atomic_save
 from fastdino.train import resolve_config
 from fastdino.train.checkpointing import (
     LATEST_CHECKPOINT_NAME,
-    atomic_torch_save,
     build_checkpoint,
     capture_rng_state,
     checkpoint_path,
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def write_steps(run_dir, steps):
     for step in steps:
         path = checkpoint_path(run_dir, step)
-        atomic_torch_save({"step": step, "weights": torch.full((4,), float(step))}, path)
+        atomic_save({"step": step, "weights": torch.full((4,), float(step))}, path)
         point_latest_to(path)
 
 
@@ -42,9 +42,9 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint_usable(tmp_path, mo
         handle.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt  # what a SIGINT/SIGTERM in the middle of torch.save looks like
 
-    monkeypatch.setattr(checkpointing.torch, "save", torch_save_killed_halfway)
+    monkeypatch.setattr(runtime.torch, "save", torch_save_killed_halfway)
     with pytest.raises(KeyboardInterrupt):
-        atomic_torch_save({"step": 20}, checkpoint_path(tmp_path, 20))
+        atomic_save({"step": 20}, checkpoint_path(tmp_path, 20))
     monkeypatch.undo()
 
     assert [step for step, _ in list_checkpoints(tmp_path)] == [10]
@@ -85,7 +85,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     random.seed(3)
     state = capture_rng_state(torch.device("cpu"))
     expected = (torch.rand(5), random.random())
-    atomic_torch_save({"rng": [state]}, tmp_path / "rng.pth")
+    atomic_save({"rng": [state]}, tmp_path / "rng.pth")
     torch.manual_seed(99)
     random.seed(99)
     restore_rng_state(read_checkpoint(tmp_path / "rng.pth")["rng"][0], torch.device("cpu"))
@@ -103,11 +103,11 @@ def test_training_checkpoint_restores_everything_and_matches_the_release_layout(
     optimizer.step()  # creates the AdamW state
     center = torch.randn(1, 128)
     payload = build_checkpoint(student=student, teacher=teacher, optimizer=optimizer, scaler=None,
-                               center=center, epoch=2, step=17, config=config.to_dict(),
+                               center=center, epoch=2, step=17, config=config.to_dict(), backends={},
                                data_state={"epoch": 2, "step": 3},
                                rng_states=[capture_rng_state(torch.device("cpu"))])
     path = tmp_path / "checkpoint.pth"
-    atomic_torch_save(payload, path)
+    atomic_save(payload, path)
 
     loaded = torch.load(path, weights_only=True)  # plain types only
     assert set(loaded) >= {"student", "teacher", "optimizer", "epoch", "step", "config", "dino_loss", "data", "rng"}
@@ -138,7 +138,7 @@ def test_exported_teacher_backbone_loads_strictly_into_timm(tmp_path):
 
     config = resolve_config("tiny", dict(out_dim=128, head_hidden_dim=32, head_bottleneck_dim=16))
     _, teacher = build_student_and_teacher(config, torch.device("cpu"))
-    atomic_torch_save(export_backbone_state_dict(teacher), tmp_path / "teacher_backbone.pth")
+    atomic_save(export_backbone_state_dict(teacher), tmp_path / "teacher_backbone.pth")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
     model.load_state_dict(torch.load(tmp_path / "teacher_backbone.pth", weights_only=True), strict=True)
     assert torch.equal(model.cls_token, teacher.backbone.cls_token)

@@ -8,9 +8,11 @@ or from Python:
     from fastdino.train import resolve_config, train
     result = train(resolve_config("tiny", ["epochs=2"], output_dir="runs/t"))
 
-Modules: ``config`` (the schema, presets, overrides), ``schedules``, ``networks`` (student,
-teacher, optimizer), ``step`` (one optimizer step), ``checkpointing``, ``progress``,
-``collapse``, ``distributed`` and ``trainer`` (the loop that wires them).
+Modules: ``config`` (the schema, presets, overrides, the environment, every check before a
+run starts), ``schedules``, ``networks`` (student, teacher, optimizer), ``step`` (one optimizer
+step), ``checkpointing``, ``progress`` (bar, metrics.jsonl, TensorBoard), ``collapse``, ``cli``
+and ``trainer`` (builds the run, then loops). The process itself (ranks, device, log) is
+``fastdino.runtime``.
 """
 
 from .config import PRESETS, ConfigError, TrainConfig, parse_overrides, resolve_config

@@ -11,9 +11,10 @@ Files in the run directory:
 
 A checkpoint holds ``student`` and ``teacher`` in the release's layout
 (``fastdino.models.export_dino_checkpoint``), ``optimizer``, ``fp16_scaler``, ``epoch`` (of the
-next step), ``step`` (optimizer steps done), ``config``, ``dino_loss`` (``{"center": ...}``, as
-the release saves it), ``data`` (the loader's position) and ``rng`` (every rank's RNG states).
-Everything in it loads with ``torch.load(weights_only=True)``.
+next step), ``step`` (optimizer steps done), ``config``, ``backends`` (what ran:
+``fastdino.train.config.resolve_backends``), ``dino_loss`` (``{"center": ...}``, as the release
+saves it), ``data`` (the loader's position) and ``rng`` (every rank's RNG states). Everything in
+it loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -22,55 +23,29 @@ import os
 import random
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fastdino.models import export_dino_checkpoint, load_dino_checkpoint, read_checkpoint
+from fastdino.runtime import PARTIAL_MARKER, Runtime, get_logger, partial_path
 
 LATEST_CHECKPOINT_NAME = "checkpoint.pth"
 BACKBONE_EXPORT_NAME = "teacher_backbone.pth"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-step(\d+)\.pth$")
-_PARTIAL_MARKER = ".partial-"
+logger = get_logger("train")
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"checkpoint-step{step:09d}.pth"
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not every platform opens directories; the rename is still atomic
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def atomic_torch_save(payload, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename it to ``path``."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}{_PARTIAL_MARKER}{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
 def point_latest_to(path: Path) -> None:
     """Make ``checkpoint.pth`` the newest checkpoint, atomically (hard link, else a copy)."""
     latest = path.parent / LATEST_CHECKPOINT_NAME
-    temporary = latest.with_name(f".{latest.name}{_PARTIAL_MARKER}{os.getpid()}")
+    temporary = partial_path(latest)
     temporary.unlink(missing_ok=True)
     try:
         os.link(path, temporary)
@@ -99,7 +74,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 
 def remove_partial_files(run_dir: Path) -> None:
     """Delete temporary files of writes that were interrupted (a killed run leaves them)."""
-    for entry in Path(run_dir).glob(f".*{_PARTIAL_MARKER}*"):
+    for entry in Path(run_dir).glob(f".*{PARTIAL_MARKER}*"):
         entry.unlink(missing_ok=True)
 
 
@@ -109,9 +84,34 @@ def load_newest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
         try:
             return path, read_checkpoint(path)
         except Exception as error:  # truncated or corrupt file: fall back to the one before
-            print(f"fastdino.train: WARNING: cannot read {path} ({type(error).__name__}: {error}); "
-                  f"trying the previous checkpoint", file=sys.stderr, flush=True)
+            logger.warning(f"cannot read {path} ({type(error).__name__}: {error}); trying the previous checkpoint")
     return None
+
+
+def checkpoint_to_resume(resume: str, run_dir: Path, runtime: Runtime) -> tuple[Path, dict] | None:
+    """(path, payload) of the checkpoint ``resume`` asks for, the same on every rank, or None.
+
+    resume: "auto" (the newest readable one in ``run_dir``), "never", or a path. Under "auto"
+    rank 0 chooses (reading it proves it is intact) and tells the others, so that every rank
+    resumes from the same file, which must be on a file system all nodes share.
+    """
+    if resume == "never":
+        return None
+    if resume != "auto":
+        return Path(resume), read_checkpoint(resume)
+    found = load_newest_checkpoint(run_dir) if runtime.is_main else None
+    chosen = [str(found[0]) if found else None]
+    if runtime.initialized:
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is None:
+        return None
+    if found is not None:
+        return found
+    path = Path(chosen[0])
+    if not path.is_file():
+        raise FileNotFoundError(f"rank {runtime.rank} cannot see {path}: output_dir must be on a "
+                                f"file system that every node shares")
+    return path, read_checkpoint(path)
 
 
 def capture_rng_state(device: torch.device) -> dict:
@@ -133,13 +133,13 @@ def restore_rng_state(state: dict, device: torch.device) -> None:
 
 def build_checkpoint(*, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
                      scaler, center: torch.Tensor, epoch: int, step: int, config: dict,
-                     data_state: dict, rng_states: list[dict]) -> dict:
+                     backends: dict, data_state: dict, rng_states: list[dict]) -> dict:
     """The checkpoint payload (see the module docstring)."""
     return export_dino_checkpoint(
         student, teacher,
         optimizer=optimizer.state_dict(),
         fp16_scaler=scaler.state_dict() if scaler is not None else None,
-        epoch=epoch, step=step, config=config,
+        epoch=epoch, step=step, config=config, backends=dict(backends),
         dino_loss={"center": center.detach().cpu()},
         data=dict(data_state), rng=rng_states,
     )

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from .config import ConfigError, config_fields_help, parse_overrides, presets_table, resolve_config
+import dataclasses
+
+from fastdino.runtime import get_logger, process_rank
+
+from .config import ConfigError, TrainConfig, config_fields_help, parse_overrides, presets_table, resolve_config
 
 DEFAULT_PRESET = "tiny"  # with no arguments: the one-minute CPU run on synthetic images
+logger = get_logger("train")
 
 EXAMPLES = """\
 examples:
@@ -21,10 +25,11 @@ Any config key can be overridden as key=value (--help-config lists them); the ru
 the newest checkpoint in --output-dir when there is one.
 """
 
-# flag -> config key, for the most common settings
-FLAGS = {"--data": "data", "--output-dir": "output_dir", "--epochs": "epochs",
-         "--batch-size-per-gpu": "batch_size_per_gpu", "--n-local-crops": "n_local_crops",
-         "--lr": "lr", "--seed": "seed", "--resume": "resume"}
+
+def flag_keys() -> dict[str, str]:
+    """--flag -> config key, for the fields the config marks as flags (the most common settings)."""
+    return {"--" + spec.name.replace("_", "-"): spec.name for spec in dataclasses.fields(TrainConfig)
+            if spec.metadata.get("flag")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fastdino.train", description="Train DINO (self-distillation with no labels).",
         epilog=f"presets:\n{presets_table()}\n\n{EXAMPLES}", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"starting config (default: {DEFAULT_PRESET})")
-    helps = {"--data": "image folder (class subfolders or flat) or a file list",
-             "--output-dir": "checkpoints, metrics.jsonl, config.json, teacher_backbone.pth (default runs/<preset>)",
-             "--resume": "auto (newest checkpoint in --output-dir, the default), never, or a checkpoint file"}
-    for flag, key in FLAGS.items():
-        parser.add_argument(flag, dest=key, metavar=key.upper(), help=helps.get(flag, f"sets {key}"))
+    for flag, key in flag_keys().items():
+        parser.add_argument(flag, dest=key, metavar=key.upper(),
+                            help=TrainConfig.__dataclass_fields__[key].metadata["help"])
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="any config field")
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
@@ -53,15 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print(config_fields_help())
         return 0
-    is_main_rank = os.environ.get("RANK", "0") == "0"
     try:
-        flag_overrides = parse_overrides(f"{key}={getattr(args, key)}" for key in FLAGS.values()
+        flag_overrides = parse_overrides(f"{key}={getattr(args, key)}" for key in flag_keys().values()
                                          if getattr(args, key) is not None)
         config = resolve_config(args.preset, {**parse_overrides(args.overrides), **flag_overrides})
     except ConfigError as error:
-        if is_main_rank:
+        if process_rank() == 0:
             parser.print_usage(sys.stderr)
-            print(f"fastdino.train: error: {error}", file=sys.stderr)
+            logger.error(error)
         return 2
     if args.print_config:
         import json
@@ -75,12 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(config)
-    except (ConfigError, ImageFolderError) as error:
-        if is_main_rank:
-            print(f"fastdino.train: error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as error:
-        if is_main_rank:
-            print(f"fastdino.train: error: {error}", file=sys.stderr)
-        return 1
+    except (ConfigError, ImageFolderError, NonFiniteLossError) as error:
+        if process_rank() == 0:  # every rank stops with the same error: say it once
+            logger.error(error)
+        return 1 if isinstance(error, NonFiniteLossError) else 2
     return 0

@@ -1,16 +1,22 @@
-"""The training configuration: one dataclass, named presets, ``key=value`` overrides.
+"""The training configuration, in one place: the schema, named presets, overrides, the
+environment, and every check a run needs before it starts.
 
     config = resolve_config("vit_small_p8", ["epochs=300", "teacher_temp=0.07"], data="/data/train")
 
 Every field has a type and, where a bad value would only fail hours later, a check in
 ``TrainConfig.validate``; overrides are parsed against the field's type, so unknown keys and bad
-values fail before anything starts, naming the key. The resolved config is written as JSON to
-the output directory and into every checkpoint (``to_dict`` / ``from_dict``).
+values fail before anything starts, naming the key. The environment variables that force a
+backend for the whole process (``FASTDINO_BACKEND``, ``FASTDINO_ATTENTION``,
+``FASTDINO_DATA_BACKEND``) are applied here, once, as overrides of their keys. Fields marked
+``flag`` are also command-line flags (``--data``). ``resolve_backends`` records what "auto" and
+the environment chose on this machine; the resolved config and those backends are written to
+the output directory and into every checkpoint, and compared on resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -21,14 +27,21 @@ from pathlib import Path
 
 import torch
 
-from fastdino.data import DATA_BACKENDS
-from fastdino.models import list_backbones
+from fastdino.data import DATA_BACKEND_ENV_VAR, DATA_BACKENDS, MultiCropRecipe
+from fastdino.models import ATTENTION_BACKENDS, ATTENTION_ENV_VAR, list_backbones
+from fastdino.ops import BACKEND_ENV_VAR, BACKENDS
+from fastdino.runtime import DEVICES, device_type, get_logger
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 OPTIMIZERS = ("adamw", "sgd")
-DEVICES = ("auto", "cpu", "cuda")
-ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "explicit")
 RESUME_MODES = ("auto", "never")
+# key -> the environment variable that forces it for the whole process (and for fastdino.ops,
+# fastdino.models and fastdino.data outside training too)
+ENVIRONMENT_OVERRIDES = {"ops_backend": BACKEND_ENV_VAR, "attn_backend": ATTENTION_ENV_VAR,
+                         "data_backend": DATA_BACKEND_ENV_VAR}
+_RECIPE_DEFAULTS = MultiCropRecipe()
+logger = get_logger("train")
 
 
 class ConfigError(ValueError):
@@ -39,8 +52,9 @@ def _choice(default: str, choices: tuple[str, ...], help: str) -> str:
     return field(default=default, metadata={"choices": choices, "help": help})
 
 
-def _doc(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _doc(default, help: str, flag: bool = False):
+    """A field with its help; ``flag``: also a command-line flag (``--batch-size-per-gpu``)."""
+    return field(default=default, metadata={"help": help, "flag": flag})
 
 
 @dataclass
@@ -49,12 +63,14 @@ class TrainConfig:
 
     # -- run -------------------------------------------------------------------------------------
     preset: str = _doc("vit_small_p16", "the preset this config started from (informational)")
-    data: str = _doc("", "image folder or file list; empty: synthetic images in <output_dir>/synthetic_images")
-    output_dir: str = _doc("", "checkpoints, logs and the exported backbone; empty: runs/<preset>")
-    seed: int = _doc(0, "seed of the initialization, data order, augmentations and drop path")
+    data: str = _doc("", "image folder (class subfolders or flat) or a file list; empty: synthetic "
+                         "images in <output_dir>/synthetic_images", flag=True)
+    output_dir: str = _doc("", "checkpoints, metrics.jsonl, config.json, teacher_backbone.pth; "
+                               "empty: runs/<preset>", flag=True)
+    seed: int = _doc(0, "seed of the initialization, data order, augmentations and drop path", flag=True)
     device: str = _choice("auto", DEVICES, "auto: this rank's GPU when there is one, else the CPU")
     resume: str = _doc("auto", "auto: continue from the newest checkpoint in output_dir if any; "
-                               "never: refuse to run over checkpoints; or a checkpoint path")
+                               "never: refuse to run over checkpoints; or a checkpoint path", flag=True)
     max_steps: int = _doc(0, "stop (with a checkpoint) after this many optimizer steps in total; "
                              "0: run all epochs. Schedules still span all epochs")
     # -- networks --------------------------------------------------------------------------------
@@ -65,7 +81,8 @@ class TrainConfig:
     norm_last_layer: bool = _doc(True, "fix the prototypes' weight-norm magnitude to 1")
     use_bn_in_head: bool = _doc(False, "batch norm after the head's hidden layers (the release's --use_bn_in_head)")
     drop_path_rate: float = _doc(0.1, "stochastic depth of the student")
-    attn_backend: str = _choice("auto", ATTENTION_BACKENDS, "attention implementation of the ViTs")
+    attn_backend: str = _choice("auto", ATTENTION_BACKENDS, "attention implementation of the ViTs "
+                                                            f"(fastdino.models); {ATTENTION_ENV_VAR} overrides it")
     activation_checkpointing: bool = _doc(False, "recompute each ViT block in the backward (less memory)")
     compile: bool = _doc(False, "torch.compile the backbones (each ViT block)")
     # -- loss and teacher --------------------------------------------------------------------------
@@ -75,12 +92,14 @@ class TrainConfig:
     warmup_teacher_temp_epochs: int = _doc(0, "epochs of linear teacher-temperature warm-up")
     center_momentum: float = _doc(0.9, "momentum of the teacher center")
     momentum_teacher: float = _doc(0.996, "teacher EMA momentum at the start (cosine to 1)")
+    ops_backend: str = _choice("auto", BACKENDS, "fused loss, EMA and clipping (fastdino.ops): triton on "
+                                                 f"GPUs, cpp on CPUs under auto; {BACKEND_ENV_VAR} overrides it")
     # -- optimization ------------------------------------------------------------------------------
-    epochs: int = _doc(100, "training epochs")
-    batch_size_per_gpu: int = _doc(64, "images per rank per forward (micro-batch)")
+    epochs: int = _doc(100, "training epochs", flag=True)
+    batch_size_per_gpu: int = _doc(64, "images per rank per forward (micro-batch)", flag=True)
     grad_accumulation_steps: int = _doc(1, "micro-batches per optimizer step")
     optimizer: str = _choice("adamw", OPTIMIZERS, "adamw (ViTs) or sgd with momentum 0.9 (ResNet-50)")
-    lr: float = _doc(0.0005, "peak learning rate at a global batch of 256 (scaled linearly)")
+    lr: float = _doc(0.0005, "peak learning rate at a global batch of 256 (scaled linearly)", flag=True)
     min_lr: float = _doc(1e-6, "learning rate at the end of the cosine")
     warmup_epochs: int = _doc(10, "epochs of linear learning-rate warm-up")
     weight_decay: float = _doc(0.04, "weight decay at the start (cosine)")
@@ -90,18 +109,23 @@ class TrainConfig:
     precision: str = _choice("auto", PRECISIONS, "auto: bf16 autocast on GPUs, fp32 on CPUs; "
                                                  "fp16 uses a gradient scaler")
     # -- data ------------------------------------------------------------------------------------
-    n_local_crops: int = _doc(8, "local crops per image (2 global crops always)")
-    global_crop_size: int = _doc(224, "side of the global crops in pixels")
-    local_crop_size: int = _doc(96, "side of the local crops in pixels")
-    global_crop_scale: tuple[float, float] = _doc((0.4, 1.0), "area fraction range of the global crops")
-    local_crop_scale: tuple[float, float] = _doc((0.05, 0.4), "area fraction range of the local crops")
-    data_backend: str = _choice("auto", DATA_BACKENDS, "multi-crop pipeline (fastdino.data)")
+    n_local_crops: int = _doc(8, "local crops per image (2 global crops always)", flag=True)
+    global_crop_size: int = _doc(_RECIPE_DEFAULTS.global_crop_size, "side of the global crops in pixels")
+    local_crop_size: int = _doc(_RECIPE_DEFAULTS.local_crop_size, "side of the local crops in pixels")
+    global_crop_scale: tuple[float, float] = _doc(_RECIPE_DEFAULTS.global_crop_scale,
+                                                  "area fraction range of the global crops")
+    local_crop_scale: tuple[float, float] = _doc(_RECIPE_DEFAULTS.local_crop_scale,
+                                                 "area fraction range of the local crops")
+    data_backend: str = _choice("auto", DATA_BACKENDS, "multi-crop pipeline (fastdino.data); "
+                                                       f"{DATA_BACKEND_ENV_VAR} overrides it")
     data_threads: int = _doc(0, "decoding threads/workers per rank; 0: the loader's default")
     synthetic_images: int = _doc(64, "images generated when data is empty")
     # -- checkpoints and logs --------------------------------------------------------------------
     checkpoint_every_steps: int = _doc(1000, "checkpoint every N optimizer steps (and at each epoch end); 0: epoch ends only")
     keep_last_checkpoints: int = _doc(3, "checkpoints kept (older ones are deleted)")
     log_every_steps: int = _doc(10, "metrics (a host sync) every N optimizer steps")
+    tensorboard: bool = _doc(False, "also write the metrics to TensorBoard in <output_dir>/tensorboard "
+                                    "(needs the tensorboard package)")
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError naming the first bad key; returns self."""
@@ -136,17 +160,41 @@ class TrainConfig:
             fail("warmup_epochs", f"longer than epochs={self.epochs}")
         if self.warmup_teacher_temp_epochs > self.epochs:
             fail("warmup_teacher_temp_epochs", f"longer than epochs={self.epochs}")
-        for key in ("global_crop_scale", "local_crop_scale"):
-            low, high = getattr(self, key)
-            if not 0 < low <= high <= 1:
-                fail(key, "need 0 < low <= high <= 1")
+        try:
+            self.multicrop_recipe()  # the recipe checks its crop sizes and scales itself
+        except ValueError as error:
+            raise ConfigError(str(error).removeprefix(f"{MultiCropRecipe.__name__}.")) from None
+        if not self.arch.startswith("vit"):
+            for key in ("attn_backend", "activation_checkpointing"):
+                if getattr(self, key) != TrainConfig.__dataclass_fields__[key].default:
+                    fail(key, f"applies to the ViT backbones only, not to arch={self.arch!r}")
         if self.data and not Path(self.data).exists():
             fail("data", "no such file or folder")
         if self.resume not in RESUME_MODES and not Path(self.resume).is_file():
             fail("resume", f"neither {' nor '.join(RESUME_MODES)} nor an existing checkpoint file")
         if self.device == "cuda" and not torch.cuda.is_available():
             fail("device", "no CUDA device is available")
+        if self.precision == "fp16" and device_type(self.device) != "cuda":
+            fail("precision", "float16 with a gradient scaler needs a GPU; use bf16 or fp32")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            fail("tensorboard", "the tensorboard package is not installed: pip install tensorboard")
         return self
+
+    @property
+    def resolved_precision(self) -> str:
+        """"bf16", "fp16" or "fp32": "auto" is bf16 autocast on GPUs and fp32 on CPUs."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if device_type(self.device) == "cuda" else "fp32"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return AUTOCAST_DTYPES[self.resolved_precision]
+
+    def multicrop_recipe(self) -> MultiCropRecipe:
+        """The augmentation recipe: the release's, with this config's crop sizes and scales."""
+        return MultiCropRecipe(global_crop_size=self.global_crop_size, local_crop_size=self.local_crop_size,
+                               global_crop_scale=self.global_crop_scale, local_crop_scale=self.local_crop_scale)
 
     @property
     def run_dir(self) -> Path:
@@ -266,8 +314,9 @@ def parse_overrides(items: Iterable[str]) -> dict:
 
 def resolve_config(preset: str = "vit_small_p16", overrides: Iterable[str] | Mapping = (),
                    **fields) -> TrainConfig:
-    """The validated config of ``preset`` with ``overrides`` (``key=value`` strings or a mapping)
-    and then ``fields`` (typed keyword values, e.g. from command-line flags) applied."""
+    """The validated config of ``preset`` with ``overrides`` (``key=value`` strings or a mapping),
+    then ``fields`` (typed keyword values, e.g. from command-line flags), then the environment's
+    backend variables (``ENVIRONMENT_OVERRIDES``) applied."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = {"preset": preset, **PRESETS[preset].overrides}
@@ -276,7 +325,50 @@ def resolve_config(preset: str = "vit_small_p16", overrides: Iterable[str] | Map
     else:
         values.update(parse_overrides(overrides))
     values.update({key: value for key, value in fields.items() if value is not None})
-    return TrainConfig.from_dict(values)
+    return apply_environment(TrainConfig.from_dict(values))
+
+
+def apply_environment(config: TrainConfig) -> TrainConfig:
+    """``config`` with the keys that environment variables force (``FASTDINO_BACKEND=torch`` sets
+    ops_backend=torch, ...), each change said once; ``FASTDINO_ATTENTION`` only for ViTs."""
+    forced = {}
+    for key, variable in ENVIRONMENT_OVERRIDES.items():
+        value = os.environ.get(variable)
+        if not value or getattr(config, key) == value:
+            continue
+        if key == "attn_backend" and not config.arch.startswith("vit"):
+            continue
+        choices = TrainConfig.__dataclass_fields__[key].metadata["choices"]
+        if value not in choices:
+            raise ConfigError(f"{variable}={value!r} (which sets {key}): choose one of {', '.join(choices)}")
+        logger.info(f"{variable}={value} overrides {key}={getattr(config, key)}")
+        forced[key] = value
+    return dataclasses.replace(config, **forced).validate() if forced else config
+
+
+def resolve_backends(config: TrainConfig, device: torch.device) -> dict[str, str]:
+    """What runs on ``device`` for ``config``, with "auto" (and the environment) resolved: the
+    device type, precision, fused ops, attention and data pipeline. Raises ConfigError naming
+    the key when a backend asked for by name cannot run here."""
+    from fastdino.data import resolve_data_backend
+    from fastdino.models import resolve_attention_backend
+    from fastdino.ops.backends import BackendUnavailableError, resolve_backend
+
+    try:
+        ops = resolve_backend("dino_loss", config.ops_backend, [torch.empty(0, device=device)])
+    except BackendUnavailableError as error:
+        raise ConfigError(f"ops_backend={config.ops_backend!r}: {error}") from None
+    attention = "none (not a ViT)"
+    if config.arch.startswith("vit"):
+        attention = resolve_attention_backend(config.attn_backend, device, config.autocast_dtype or torch.float32)
+    try:
+        data = resolve_data_backend(config.data_backend)
+    except ImportError as error:
+        raise ConfigError(f"data_backend={config.data_backend!r}: {error}") from None
+    if data == "dali":
+        data = "dali-gpu" if device.type == "cuda" else "dali-cpu"
+    return {"device": device.type, "precision": config.resolved_precision, "ops": ops,
+            "attention": attention, "data": data}
 
 
 def config_fields_help() -> str:
@@ -304,5 +396,6 @@ def presets_table() -> str:
     return "\n".join(lines)
 
 
-def save_config_json(config: TrainConfig, path: Path) -> None:
-    path.write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+def save_config_json(config: TrainConfig, backends: Mapping[str, str], path: Path) -> None:
+    """The resolved config, and under "resolved_backends" what ran (``resolve_backends``)."""
+    path.write_text(json.dumps({**config.to_dict(), "resolved_backends": dict(backends)}, indent=1) + "\n")

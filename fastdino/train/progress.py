@@ -1,94 +1,69 @@
-"""What rank 0 tells the user: a progress bar on a terminal, plain lines otherwise, and a JSON
-lines file of metrics (``metrics.jsonl`` in the run directory, one object per log step)."""
+"""What rank 0 reports while training: a progress bar on a terminal (a line per log step
+elsewhere), and the metrics of every log step in ``metrics.jsonl`` in the run directory, one
+JSON object per line, and in TensorBoard when the config asks for it."""
 
 from __future__ import annotations
 
-import datetime
 import json
-import sys
-import time
+import numbers
 from pathlib import Path
-from typing import TextIO
 
-BAR_WIDTH = 24
-REDRAW_SECONDS = 0.2
+from fastdino.runtime import ProgressBar, get_logger
 
-
-def _duration(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=round(seconds)))
+METRICS_FILE_NAME = "metrics.jsonl"
+TENSORBOARD_FOLDER_NAME = "tensorboard"
+logger = get_logger("train")
 
 
-class ProgressReporter:
+class TrainingProgress:
     """``advance`` after every step (cheap, no device sync), ``log`` on log steps with the
-    metrics, ``message`` for anything else. Silent when ``enabled`` is False (ranks > 0)."""
+    metrics. Writes nothing when ``enabled`` is False (ranks > 0)."""
 
-    def __init__(self, total_steps: int, start_step: int, metrics_path: Path | None, *,
-                 enabled: bool = True, stream: TextIO | None = None):
+    def __init__(self, total_steps: int, start_step: int, run_dir: Path, *, enabled: bool = True,
+                 tensorboard: bool = False):
         self.total_steps = total_steps
-        self.start_step = start_step
         self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.is_terminal = enabled and self.stream.isatty()
-        self.metrics_file = open(metrics_path, "a") if enabled and metrics_path is not None else None
-        self.started = time.perf_counter()
-        self.last_draw = 0.0
-        self.bar_width = 0
-        self.step, self.epoch, self.summary = start_step, 0, ""
+        self.bar = ProgressBar(total_steps, start_step) if enabled else None
+        self.metrics_file = open(Path(run_dir) / METRICS_FILE_NAME, "a") if enabled else None
+        self.tensorboard = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self.tensorboard = SummaryWriter(str(Path(run_dir) / TENSORBOARD_FOLDER_NAME))
+        self.epoch, self.summary = 0, ""
 
     def advance(self, step: int, epoch: int) -> None:
-        self.step, self.epoch = step, epoch
-        now = time.perf_counter()
-        if self.is_terminal and (now - self.last_draw >= REDRAW_SECONDS or step == self.total_steps):
-            self._draw_bar(now)
-
-    def _draw_bar(self, now: float) -> None:
-        self.last_draw = now
-        done = self.step - self.start_step
-        fraction = self.step / self.total_steps if self.total_steps else 1.0
-        filled = int(BAR_WIDTH * fraction)
-        rate = done / (now - self.started) if done else 0.0
-        eta = _duration((self.total_steps - self.step) / rate) if rate else "?"
-        line = (f"\repoch {self.epoch} |{'#' * filled}{'.' * (BAR_WIDTH - filled)}| "
-                f"{self.step}/{self.total_steps} {rate:.2f} it/s ETA {eta} {self.summary}")
-        line = line[:200].ljust(80)
-        self.bar_width = len(line)
-        self.stream.write(line)
-        self.stream.flush()
+        if self.bar is not None:
+            self.epoch = epoch
+            self.bar.update(step, f"epoch {epoch}", self.summary)
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(metrics) + "\n")
-            self.metrics_file.flush()
+        self.metrics_file.write(json.dumps(metrics) + "\n")
+        self.metrics_file.flush()
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, numbers.Real):
+                    self.tensorboard.add_scalar(f"train/{key}", value, global_step=metrics["step"])
+            self.tensorboard.flush()
         self.summary = (f"loss {metrics['loss']:.4f} h(Pt) {metrics['teacher_entropy']:.3f} "
                         f"{metrics['images_per_second']:.1f} img/s")
-        if self.is_terminal:
-            self._draw_bar(time.perf_counter())
+        if self.bar.enabled:
+            self.bar.update(metrics["step"], f"epoch {self.epoch}", self.summary, force=True)
         else:
-            self.stream.write(
+            logger.info(
                 f"step {metrics['step']}/{self.total_steps} epoch {metrics['epoch']} "
                 f"loss {metrics['loss']:.4f} kl {metrics['kl_divergence']:.4f} "
                 f"h(Pt) {metrics['teacher_entropy']:.3f} lr {metrics['lr']:.3g} wd {metrics['weight_decay']:.3g} "
                 f"m {metrics['teacher_momentum']:.5f} tau_t {metrics['teacher_temperature']:.4f} "
                 f"{metrics['images_per_second']:.1f} img/s data-wait {metrics['data_wait_fraction']:.0%} "
-                f"peak {metrics['peak_memory_gib']:.2f} GiB\n")
-            self.stream.flush()
-
-    def message(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.is_terminal:
-            self.stream.write("\r" + " " * self.bar_width + "\r")
-        self.stream.write(f"fastdino.train: {text}\n")
-        self.stream.flush()
-        if self.is_terminal and self.step > self.start_step:
-            self._draw_bar(time.perf_counter())
+                f"peak {metrics['peak_memory_gib']:.2f} GiB")
 
     def close(self) -> None:
-        if self.is_terminal:
-            self.stream.write("\n")
-            self.stream.flush()
-        if self.metrics_file is not None:
-            self.metrics_file.close()
-            self.metrics_file = None
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.metrics_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -23,15 +23,12 @@ import torch
 from torch import nn
 
 from fastdino.ops import CenterUpdate, clip_grad_per_param_, dino_loss, ema_update_
+from fastdino.runtime import unwrap_parallel
 
 from .collapse import teacher_entropy
 from .schedules import ScheduledValues
 
 N_GLOBAL_CROPS = 2
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
 @dataclass
@@ -49,12 +46,13 @@ class DINOStep:
     center: the (1, K) float32 center, updated in place.
     autocast_dtype: torch.bfloat16 / torch.float16, or None for full precision.
     scaler: a GradScaler for float16, else None.
+    ops_backend: the ``fastdino.ops`` backend of the loss, the clipping and the EMA.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
                  center: torch.Tensor, *, student_temp: float, center_momentum: float,
                  clip_grad: float, autocast_dtype: torch.dtype | None = None, scaler=None,
-                 loss_backend: str = "auto"):
+                 ops_backend: str = "auto"):
         self.student = student
         self.teacher = teacher
         self.optimizer = optimizer
@@ -63,9 +61,9 @@ class DINOStep:
         self.clip_grad = clip_grad
         self.autocast_dtype = autocast_dtype
         self.scaler = scaler
-        self.loss_backend = loss_backend
+        self.ops_backend = ops_backend
         self.center_update = CenterUpdate(center, center_momentum)
-        network = unwrap(student)
+        network = unwrap_parallel(student)
         self.student_params = list(network.parameters())
         self.teacher_params = list(teacher.parameters())
         if len(self.student_params) != len(self.teacher_params):
@@ -108,7 +106,7 @@ class DINOStep:
                 loss, batch_teacher_sum = dino_loss(
                     student_logits, teacher_logits, self.center, n_global_crops=N_GLOBAL_CROPS,
                     student_temp=self.student_temp, teacher_temp=values.teacher_temperature,
-                    backend=self.loss_backend, overwrite_student_logits=True, check_finite=False)
+                    backend=self.ops_backend, overwrite_student_logits=True, check_finite=False)
                 teacher_sum = batch_teacher_sum if teacher_sum is None else teacher_sum + batch_teacher_sum
                 teacher_rows += teacher_logits.shape[0]
                 if last:
@@ -128,12 +126,12 @@ class DINOStep:
             for parameter in self.last_layer_params:
                 parameter.grad = None
         if self.clip_grad:
-            clip_grad_per_param_(self.student_params, self.clip_grad)
+            clip_grad_per_param_(self.student_params, self.clip_grad, backend=self.ops_backend)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        ema_update_(self.teacher_params, self.student_params, values.teacher_momentum)
+        ema_update_(self.teacher_params, self.student_params, values.teacher_momentum, backend=self.ops_backend)
         self.center_update.finish()
         return StepResult(loss_sum / n_micro if n_micro > 1 else loss_sum, entropy, kl_divergence)
