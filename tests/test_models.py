@@ -387,7 +387,10 @@ def test_last_selfattention_and_intermediate_layers(generator):
         attention = model.get_last_selfattention(images)
         layers = model.get_intermediate_layers(images, n=4)
         features = model(images)
-        all_tokens = model.forward_features(images)
+        tokens = model.prepare_tokens(images)
+        for block in model.blocks:
+            tokens = block(tokens, "sdpa")
+        all_tokens = model.norm(tokens)
     assert attention.shape == (2, 3, 1 + 4 * 3, 1 + 4 * 3)
     assert torch.allclose(attention.sum(-1), torch.ones(2, 3, 13)) and (attention >= 0).all()
     assert len(layers) == 4 and all(layer.shape == (2, 13, 192) for layer in layers)

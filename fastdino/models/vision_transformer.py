@@ -259,11 +259,6 @@ class VisionTransformer(nn.Module):
 
     # -- features ------------------------------------------------------------------------------
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> all final-normed tokens (B, 1 + N, D); token 0 is the CLS."""
-        tokens = self.prepare_tokens(images)
-        return self.norm(self._run_blocks(tokens, self.resolved_attn_backend(tokens)))
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> CLS features (B, D)."""
         tokens = self.prepare_tokens(images)
