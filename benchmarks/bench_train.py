@@ -32,11 +32,7 @@ import torch
 from baselines import release_train_step
 from measure import Case, Provider, Target
 
-from fastdino.data import (
-    MultiCropRecipe,
-    build_multicrop_loader,
-    write_synthetic_image_folder,
-)
+from fastdino.data import build_multicrop_loader, write_synthetic_image_folder
 from fastdino.train import build_schedules, resolve_config
 from fastdino.train.networks import (
     build_optimizer,
@@ -64,17 +60,15 @@ def _loader_batches(config, device, folder: Path):
     """Endless multi-crop batches of generated JPEGs, as the trainer reads them."""
     images = write_synthetic_image_folder(folder, n_images=max(64, 4 * config.batch_size_per_gpu),
                                           image_size=(320, 240) if device.type == "cuda" else (160, 120))
-    recipe = MultiCropRecipe(global_crop_size=config.global_crop_size, local_crop_size=config.local_crop_size,
-                             global_crop_scale=config.global_crop_scale, local_crop_scale=config.local_crop_scale)
     loader = build_multicrop_loader(images, config.batch_size_per_gpu, n_local_crops=config.n_local_crops,
-                                    device=device, recipe=recipe, verbose=False)
+                                    device=device, recipe=config.multicrop_recipe(), verbose=False)
     for _ in itertools.count():
         yield from loader
 
 
 def cases(device: torch.device, quick: bool):
     config = benchmark_config(device, quick)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    autocast_dtype = config.autocast_dtype  # bf16 on GPUs (precision=auto), fp32 for the tiny preset
     generator = torch.Generator().manual_seed(0)
     crops = _crops(config, device, torch.float32, generator)
     values = build_schedules(config, iterations_per_epoch=100, world_size=1).at(150)  # past warm-up
