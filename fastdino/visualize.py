@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdino.eval.backbones import add_backbone_arguments, load_backbone
-from fastdino.eval.features import IMAGENET_MEAN, IMAGENET_STD, resolve_device
+from fastdino.data.recipe import IMAGENET_MEAN, IMAGENET_STD
+from fastdino.eval.arguments import add_backbone_arguments
+from fastdino.eval.backbones import load_backbone
+from fastdino.runtime import get_logger, select_device
 
 DEFAULT_IMAGE_SIZE = 480  # the release's
 DEFAULT_THRESHOLD = 0.6
@@ -154,7 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
                              f"height and width; both then rounded to multiples of the patch size")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"share of the attention mass the masks keep (default {DEFAULT_THRESHOLD})")
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
     return parser
 
 
@@ -166,8 +167,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     image_size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     backbone, arch = load_backbone(args.checkpoint, args.arch, args.part)
     written = write_attention_images(backbone, args.image, args.out, image_size, args.threshold,
-                                     resolve_device(args.device))
-    print(f"{arch} (patch {backbone.patch_size}): wrote {len(written)} images to {args.out}")
+                                     select_device(args.device))
+    get_logger("visualize").info(f"{arch} (patch {backbone.patch_size}): wrote {len(written)} images to {args.out}")
     return written
 
 

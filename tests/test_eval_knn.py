@@ -18,14 +18,9 @@ from torch.utils.data import Dataset
 from conftest import free_port
 from fastdino.eval import ArchitectureInferenceError, infer_architecture, load_backbone
 from fastdino.eval.backbones import vit_image_size
-from fastdino.eval.features import (
-    cached_features,
-    evaluation_transform,
-    extract_features,
-    features_fingerprint,
-    image_folder,
-    shard_indices,
-)
+from fastdino.eval.datasets import evaluation_transform, image_folder
+from fastdino.eval.extraction import extract_features, shard_indices
+from fastdino.eval.feature_cache import cached_features, features_fingerprint
 from fastdino.eval.knn import knn_classifier, knn_votes
 from fastdino.eval.knn import main as knn_main
 from fastdino.models import (
@@ -309,13 +304,13 @@ def test_knn_cli_reuses_its_cache_and_gives_the_same_numbers(tmp_path, capsys):
             "--nb-knn", "1", "3", "200", "--features-cache", str(tmp_path / "cache"),
             "--output", str(tmp_path / "knn.json")]
     first = knn_main(argv)
-    output = capsys.readouterr().out
+    output = capsys.readouterr().err
     assert "reusing" not in output and "skipping k=200" in output
     assert first["arch"] == "vit_tiny_p16" and set(first["accuracy"]) == {"1", "3"}
     assert (tmp_path / "knn.json").is_file()
 
     second = knn_main(argv)
-    assert capsys.readouterr().out.count("reusing cached features") == 2
+    assert capsys.readouterr().err.count("reusing cached features") == 2
     assert second["accuracy"] == first["accuracy"]
 
 

@@ -103,7 +103,7 @@ def test_cli_loads_a_checkpoint_and_infers_the_patch_size(tmp_path, capsys):
     image = save_image(tmp_path / "photo.jpg", 50, 30)
     written = main(["--checkpoint", str(tmp_path / "backbone.pth"), "--image", str(image),
                     "--out", str(tmp_path / "out"), "--image-size", "48", "64", "--device", "cpu"])
-    assert "vit_tiny_p8" in capsys.readouterr().out
+    assert "vit_tiny_p8" in capsys.readouterr().err
     assert len(written) == 1 + 2 * (3 + 1)  # image, then attention and mask per head and the mean
     assert {Image.open(path).size for path in written} == {(64, 48)}
 

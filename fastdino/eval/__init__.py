@@ -4,13 +4,16 @@
     python -m fastdino.eval.linear --checkpoint ckpt.pth --train-data train/ --val-data val/
 
 Modules: ``backbones`` (``load_backbone``: any supported checkpoint, architecture inferred from
-its shapes), ``features`` (image folders, distributed extraction, the feature cache), ``knn``
-(``knn_classifier``), ``linear`` (the linear probe). The CLIs run as ``python -m`` modules, so
+its shapes), ``datasets`` (image folders and the release's transforms, with torchvision),
+``extraction`` (features over every rank), ``feature_cache``, ``arguments`` (the shared
+command-line options), ``knn`` (``knn_classifier``) and ``linear`` (the linear probe). The
+process (ranks, device, log) is ``fastdino.runtime``. The CLIs run as ``python -m`` modules, so
 this package does not import them; torchvision is imported only when data is read.
 """
 
 from .backbones import ArchitectureInferenceError, LoadedBackbone, infer_architecture, load_backbone
-from .features import cached_features, extract_features, features_fingerprint
+from .extraction import extract_features
+from .feature_cache import cached_features, features_fingerprint
 
 __all__ = [
     "ArchitectureInferenceError",

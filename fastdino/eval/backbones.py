@@ -148,13 +148,3 @@ def load_backbone(checkpoint_path: str | os.PathLike, arch: str | None = None,
     model.eval().requires_grad_(False)
     return LoadedBackbone(model, arch)
 
-
-def add_backbone_arguments(parser) -> None:
-    """--checkpoint, --arch and --part, shared by the evaluation and visualization CLIs."""
-    parser.add_argument("--checkpoint", required=True,
-                        help="a fastdino training checkpoint, an exported backbone, or a DINO "
-                             "release checkpoint (full or *_pretrain.pth)")
-    parser.add_argument("--arch", choices=list_backbones(), default=None,
-                        help="backbone architecture; inferred from the weights' shapes if omitted")
-    parser.add_argument("--part", choices=CHECKPOINT_PARTS, default="teacher",
-                        help="which network of a full checkpoint to evaluate (default: teacher)")

@@ -19,24 +19,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .backbones import add_backbone_arguments, load_backbone
-from .features import (
-    FeatureFunction,
-    add_data_arguments,
-    cached_features,
-    check_same_classes,
-    distributed_from_environment,
-    evaluation_transform,
-    extract_features,
-    features_fingerprint,
-    image_folder,
-    log,
-    rank_and_world_size,
-    resolve_device,
-)
+from fastdino.runtime import Runtime, get_logger, runtime_scope
+
+from .arguments import add_backbone_arguments, add_data_arguments
+from .backbones import load_backbone
+from .datasets import check_same_classes, evaluation_transform, image_folder
+from .extraction import FeatureFunction, extract_features
+from .feature_cache import cached_features, features_fingerprint
 
 DEFAULT_K = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
+logger = get_logger("eval")
 
 
 @torch.no_grad()
@@ -94,26 +87,26 @@ def cls_features(backbone: torch.nn.Module) -> FeatureFunction:
     return lambda images: F.normalize(backbone(images), dim=1)
 
 
-def run_knn(args: argparse.Namespace) -> dict:
+def run_knn(args: argparse.Namespace, runtime: Runtime) -> dict:
     """Extract (or reuse) the features, classify the validation set for every k; rank 0 returns
     the results (and writes them to ``--output``), other ranks {}."""
-    device = resolve_device(args.device)
+    device = runtime.device
     backbone, arch = load_backbone(args.checkpoint, args.arch, args.part)
     backbone.to(device)
-    log(f"k-NN evaluation of the {args.part} of {args.checkpoint} ({arch}) on {device}, "
-        f"{rank_and_world_size()[1]} process(es)")
+    logger.info(f"k-NN evaluation of the {args.part} of {args.checkpoint} ({arch}) on {device}, "
+                f"{runtime.world_size} process(es)")
     transform = evaluation_transform(args.image_size)
     datasets = {"train": image_folder(args.train_data, transform, "--train-data"),
                 "val": image_folder(args.val_data, transform, "--val-data")}
     check_same_classes(datasets["train"], datasets["val"])
     features = {}
     for split, dataset in datasets.items():
-        log(f"{split}: {len(dataset)} images, {len(dataset.classes)} classes")
+        logger.info(f"{split}: {len(dataset)} images, {len(dataset.classes)} classes")
         fingerprint = features_fingerprint(args.checkpoint, arch, args.part, dataset, "cls")
         extract = functools.partial(extract_features, cls_features(backbone), dataset,
                                     args.batch_size, device, args.num_workers, f"{split} features")
         features[split] = cached_features(args.features_cache, f"{split}-cls", fingerprint, extract)
-    if rank_and_world_size()[0] != 0:  # every rank has all features; rank 0 classifies
+    if not runtime.is_main:  # every rank has all features; rank 0 classifies
         return {}
     (train_features, train_labels), (val_features, val_labels) = features["train"], features["val"]
     num_classes = len(datasets["train"].classes)
@@ -124,16 +117,16 @@ def run_knn(args: argparse.Namespace) -> dict:
     val_features, val_labels = val_features.to(device), val_labels.to(device)
     for k in args.nb_knn:
         if k > len(train_labels):
-            log(f"skipping k={k}: more than the {len(train_labels)} training images")
+            logger.info(f"skipping k={k}: more than the {len(train_labels)} training images")
             continue
         top1, top5 = knn_classifier(train_features, train_labels, val_features, val_labels, k,
                                     args.temperature, num_classes)
         results["accuracy"][str(k)] = {"top1": top1, "top5": top5}
-        log(f"{k}-NN classifier result: Top1: {top1:.2f}, Top5: {top5:.2f}")
+        logger.info(f"{k}-NN classifier result: Top1: {top1:.2f}, Top5: {top5:.2f}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-        log(f"wrote {args.output}")
+        logger.info(f"wrote {args.output}")
     return results
 
 
@@ -154,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if any(k < 1 for k in args.nb_knn):
         raise SystemExit(f"--nb-knn {args.nb_knn}: every k must be at least 1")
-    with distributed_from_environment():
-        return run_knn(args)
+    with runtime_scope(args.device) as runtime:
+        return run_knn(args, runtime)
 
 
 if __name__ == "__main__":

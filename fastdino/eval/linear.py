@@ -35,26 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .backbones import add_backbone_arguments, load_backbone
-from .features import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    FeatureFunction,
-    add_data_arguments,
-    cached_features,
-    check_same_classes,
-    distributed_from_environment,
-    evaluation_transform,
-    extract_features,
-    features_fingerprint,
-    image_folder,
-    import_torchvision,
-    log,
-    progress,
-    rank_and_world_size,
-    resolve_device,
-)
+from fastdino.runtime import Runtime, get_logger, runtime_scope, track
 
+from .arguments import add_backbone_arguments, add_data_arguments
+from .backbones import load_backbone
+from .datasets import augmentation_transform, check_same_classes, evaluation_transform, image_folder
+from .extraction import FeatureFunction, extract_features
+from .feature_cache import cached_features, features_fingerprint
+
+logger = get_logger("eval")
 # Batches of (features on the device, labels), and how many there are.
 FeatureBatches = tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]
 
@@ -118,17 +107,6 @@ class LinearClassifier(nn.Module):
         return self.linear(features.flatten(1))
 
 
-def augmentation_transform(image_size: int = 224):
-    """The release's training transform for the linear probe."""
-    _, transforms = import_torchvision()
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
 # -- batches -------------------------------------------------------------------------------------
 
 def shuffled_feature_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int,
@@ -171,7 +149,7 @@ def evaluate_linear(classifier: nn.Module, val_batches: FeatureBatches,
     correct_top1 = correct_top5 = loss_sum = count = 0
     device = next(classifier.parameters()).device
     batches, total = val_batches
-    for features, labels in progress(batches, total, "validation"):
+    for features, labels in track(batches, total, "validation", logger):
         logits = classifier(features)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         predictions = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -200,7 +178,7 @@ def train_linear_probe(classifier: nn.Module, train_batches: Callable[[int], Fea
         classifier.train()
         batches, total = train_batches(epoch)
         loss_sum = count = 0.0
-        for features, labels in progress(batches, total, f"epoch {epoch}/{epochs}"):
+        for features, labels in track(batches, total, f"epoch {epoch}/{epochs}", logger):
             loss = F.cross_entropy(classifier(features), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -213,18 +191,17 @@ def train_linear_probe(classifier: nn.Module, train_batches: Callable[[int], Fea
         if epoch % val_freq == 0 or epoch == epochs:
             record.update(evaluate_linear(classifier, val_batches(), across_ranks))
         history.append(record)
-        log(f"epoch {epoch}/{epochs}: " + ", ".join(
+        logger.info(f"epoch {epoch}/{epochs}: " + ", ".join(
             f"{key} {value:.4g}" for key, value in record.items() if key != "epoch"))
     return history
 
 
 # -- the command ---------------------------------------------------------------------------------
 
-def run_linear(args: argparse.Namespace) -> dict:
+def run_linear(args: argparse.Namespace, runtime: Runtime) -> dict:
     """Train and evaluate the probe; rank 0 writes the JSON result and the classifier's weights
     and returns the result (other ranks return {})."""
-    device = resolve_device(args.device)
-    rank, world_size = rank_and_world_size()
+    device, rank, world_size = runtime.device, runtime.rank, runtime.world_size
     backbone, arch = load_backbone(args.checkpoint, args.arch, args.part)
     backbone.to(device)
     n_last_blocks, avgpool = release_feature_layout(backbone)
@@ -236,9 +213,9 @@ def run_linear(args: argparse.Namespace) -> dict:
     mode = "precomputed" if args.precomputed_features else "augmented"
     global_batch = args.batch_size * world_size
     scaled_lr = args.lr * global_batch / 256
-    log(f"linear probe ({mode} mode) of the {args.part} of {args.checkpoint} ({arch}) on {device}: "
-        f"{feature_dim}-dim features ({feature_name}), global batch {global_batch}, "
-        f"lr {args.lr} x {global_batch}/256 = {scaled_lr:.4g}, {args.epochs} epochs")
+    logger.info(f"linear probe ({mode} mode) of the {args.part} of {args.checkpoint} ({arch}) on {device}: "
+                f"{feature_dim}-dim features ({feature_name}), global batch {global_batch}, "
+                f"lr {args.lr} x {global_batch}/256 = {scaled_lr:.4g}, {args.epochs} epochs")
 
     val_dataset = image_folder(args.val_data, evaluation_transform(args.image_size), "--val-data")
     train_transform = (evaluation_transform(args.image_size) if args.precomputed_features
@@ -308,8 +285,8 @@ def run_linear(args: argparse.Namespace) -> dict:
     weights = output.with_suffix(".pth")
     torch.save({"state_dict": classifier.state_dict(), "arch": arch, "n_last_blocks": n_last_blocks,
                 "avgpool_patchtokens": avgpool, "num_classes": num_classes}, weights)
-    log(f"linear probe ({mode}): top-1 {result['top1']:.2f}, top-5 {result['top5']:.2f} "
-        f"(best top-1 {result['best_top1']:.2f}); wrote {output} and {weights}")
+    logger.info(f"linear probe ({mode}): top-1 {result['top1']:.2f}, top-5 {result['top5']:.2f} "
+                f"(best top-1 {result['best_top1']:.2f}); wrote {output} and {weights}")
     return result
 
 
@@ -344,8 +321,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"{flag} {value}: must be at least 1")
     if args.lr <= 0:
         raise SystemExit(f"--lr {args.lr}: must be positive")
-    with distributed_from_environment():
-        return run_linear(args)
+    with runtime_scope(args.device) as runtime:
+        return run_linear(args, runtime)
 
 
 if __name__ == "__main__":
