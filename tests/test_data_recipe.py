@@ -23,11 +23,6 @@ def assert_frequency(flags, probability, what):
 
 
 @pytest.fixture
-def numpy_generator(generator):
-    return np.random.default_rng(int(generator.initial_seed()))
-
-
-@pytest.fixture
 def image_sizes(numpy_generator):
     # ImageNet-like sizes, including portrait and very elongated images
     heights = numpy_generator.integers(60, 800, N_IMAGES)
