@@ -20,6 +20,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from fastdino.runtime import unwrap_parallel
+
 from .head import DINOHead, convert_weight_norm_keys
 from .wrapper import MultiCropWrapper
 
@@ -115,7 +117,7 @@ def load_dino_checkpoint(target: nn.Module, checkpoint: Mapping | str | os.PathL
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint)
-    target = _unwrap(target)
+    target = unwrap_parallel(target)
     if isinstance(target, MultiCropWrapper):
         component = "network"
     elif isinstance(target, DINOHead):
@@ -127,12 +129,6 @@ def load_dino_checkpoint(target: nn.Module, checkpoint: Mapping | str | os.PathL
     target.load_state_dict(state, strict=True)
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    # DistributedDataParallel and DataParallel keep the network as .module
-    return module.module if isinstance(module, (nn.parallel.DistributedDataParallel,
-                                                nn.DataParallel)) else module
-
-
 def export_backbone_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
     """The backbone's weights with the keys of timm's ViT (``num_classes=0``) and of the release's
     backbone files: loads with ``strict=True`` into ``timm.create_model("vit_small_patch8_224",
@@ -141,7 +137,7 @@ def export_backbone_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
     network: a ``MultiCropWrapper`` (usually the teacher), possibly DDP-wrapped, or a backbone.
     The tensors are detached copies, safe to save while training goes on.
     """
-    network = _unwrap(network)
+    network = unwrap_parallel(network)
     backbone = network.backbone if isinstance(network, MultiCropWrapper) else network
     return {key: value.detach().clone() for key, value in backbone.state_dict().items()}
 
@@ -152,5 +148,5 @@ def export_dino_checkpoint(student: nn.Module, teacher: nn.Module, **extra) -> d
     release's evaluation scripts and ``load_dino_checkpoint`` read. Head keys use the release's
     weight-norm style. student, teacher: ``MultiCropWrapper``s, possibly DDP-wrapped.
     """
-    student_state = {"module." + key: value for key, value in _unwrap(student).state_dict().items()}
-    return {"student": student_state, "teacher": dict(_unwrap(teacher).state_dict()), **extra}
+    student_state = {"module." + key: value for key, value in unwrap_parallel(student).state_dict().items()}
+    return {"student": student_state, "teacher": dict(unwrap_parallel(teacher).state_dict()), **extra}
