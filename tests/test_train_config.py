@@ -1,11 +1,18 @@
 """fastdino.train.config and the command line: presets, typed overrides, clear errors."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
+from fastdino.data import MultiCropRecipe
 from fastdino.train import PRESETS, ConfigError, TrainConfig, parse_overrides, resolve_config
-from fastdino.train.cli import main
+from fastdino.train.cli import flag_keys, main
+from fastdino.train.config import apply_environment, resolve_backends
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -88,3 +95,78 @@ def test_command_line_lists_presets_and_prints_the_resolved_config(capsys):
     assert (printed["arch"], printed["lr"], printed["epochs"]) == ("vit_small_p8", 0.001, 300)
     assert main(["--help-config"]) == 0
     assert "teacher_temp=float" in capsys.readouterr().out
+
+
+def test_environment_variables_set_their_keys_once_and_are_checked(monkeypatch, capsys):
+    monkeypatch.setenv("FASTDINO_BACKEND", "torch")
+    monkeypatch.setenv("FASTDINO_ATTENTION", "explicit")
+    monkeypatch.setenv("FASTDINO_DATA_BACKEND", "torchvision")
+    config = resolve_config("tiny", ["attn_backend=sdpa"])
+    assert (config.ops_backend, config.attn_backend, config.data_backend) == ("torch", "explicit", "torchvision")
+    said = capsys.readouterr().err
+    assert "FASTDINO_ATTENTION=explicit overrides attn_backend=sdpa" in said
+    assert apply_environment(config) is config  # applied once: nothing left to change
+    # A convnet has no attention to choose: the process-wide variable does not make it invalid.
+    assert resolve_config("resnet50").attn_backend == "auto"
+    monkeypatch.setenv("FASTDINO_DATA_BACKEND", "pillow")
+    with pytest.raises(ConfigError, match="FASTDINO_DATA_BACKEND='pillow' .*data_backend"):
+        resolve_config("tiny")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["arch=resnet50", "attn_backend=sdpa"], "attn_backend='sdpa': applies to the ViT backbones only"),
+    (["arch=resnet50", "activation_checkpointing=true"], "activation_checkpointing=True: applies to the ViT"),
+    (["device=cpu", "precision=fp16"], "precision='fp16': float16 with a gradient scaler needs a GPU"),
+    (["global_crop_scale=0,0.5"], "global_crop_scale=\\(0.0, 0.5\\): need 0 < low <= high"),
+    (["local_crop_scale=0.5,1.5"], "local_crop_scale=\\(0.5, 1.5\\): an area fraction cannot exceed 1"),
+    (["ops_backend=fast"], "ops_backend='fast': choose one of auto, triton, cpp, torch"),
+])
+def test_rules_that_used_to_live_elsewhere_are_checked_before_anything_starts(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config("tiny", overrides)
+
+
+def test_tensorboard_needs_its_package(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "tensorboard" else real_find_spec(name, *args))
+    with pytest.raises(ConfigError, match="tensorboard=True: the tensorboard package is not installed"):
+        resolve_config("tiny", ["tensorboard=true"])
+
+
+def test_crop_defaults_are_the_recipes():
+    recipe, config = MultiCropRecipe(), TrainConfig()
+    assert (config.global_crop_size, config.local_crop_size, config.global_crop_scale, config.local_crop_scale) == (
+        recipe.global_crop_size, recipe.local_crop_size, recipe.global_crop_scale, recipe.local_crop_scale)
+    assert resolve_config("vit_small_p8").multicrop_recipe().global_crop_scale == (0.25, 1.0)
+
+
+def test_resolved_backends_name_what_runs_here(monkeypatch):
+    backends = resolve_backends(resolve_config("tiny", ["data_backend=torchvision"]), torch.device("cpu"))
+    assert backends == {"device": "cpu", "precision": "fp32", "ops": backends["ops"], "attention": "sdpa",
+                        "data": "torchvision"}
+    assert backends["ops"] in ("cpp", "torch")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compiled Triton needs CUDA tensors
+    with pytest.raises(ConfigError, match="ops_backend='triton': .*needs CUDA tensors"):
+        resolve_backends(resolve_config("tiny", ["ops_backend=triton"]), torch.device("cpu"))
+
+
+def test_every_flag_is_a_config_field_and_sets_it(capsys):
+    assert set(flag_keys()) == {"--data", "--output-dir", "--seed", "--resume", "--epochs",
+                                "--batch-size-per-gpu", "--lr", "--n-local-crops"}
+    assert main(["--batch-size-per-gpu", "3", "--n-local-crops", "4", "--seed", "7", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["batch_size_per_gpu"], printed["n_local_crops"], printed["seed"]) == (3, 4, 7)
+
+
+def test_listing_and_printing_the_config_import_neither_xformers_nor_dali(tmp_path):
+    # Stand-ins that fail loudly when imported, ahead of any real installation on the path.
+    for package in ("xformers", "nvidia/dali"):
+        (tmp_path / package).mkdir(parents=True)
+        (tmp_path / package / "__init__.py").write_text(f"raise SystemExit('imported {package}')\n")
+    (tmp_path / "nvidia" / "__init__.py").write_text("")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    for flag in ("--help-config", "--list-presets", "--print-config"):
+        result = subprocess.run([sys.executable, "-m", "fastdino.train", flag], env=environment,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and "imported" not in result.stderr, (flag, result.stderr[-2000:])

@@ -20,8 +20,10 @@ from conftest import free_port
 import fastdino.train.step as step_module
 from fastdino.data import write_synthetic_image_folder
 from fastdino.models import read_checkpoint
+from fastdino.runtime import runtime_scope
 from fastdino.train import NonFiniteLossError, resolve_config, train
 from fastdino.train.checkpointing import list_checkpoints
+from fastdino.train.trainer import Trainer
 
 # A ViT-Tiny/16 on 32 px global / 16 px local crops with a small head: ~0.2 s per step.
 RUN_OVERRIDES = {
@@ -156,6 +158,45 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [2, 4]
     kept = read_checkpoint(tmp_path / "run" / "checkpoint.pth")
     assert kept["step"] == 4 and all(torch.isfinite(value).all() for value in kept["teacher"].values())
+
+
+def test_the_run_is_built_before_it_starts_and_records_what_ran(tmp_path, image_folder, monkeypatch, capsys):
+    config = resolve_config("tiny", {**RUN_OVERRIDES, "epochs": 1, "max_steps": 2},
+                            output_dir=str(tmp_path / "run"), data=str(image_folder))
+    with runtime_scope(config.device) as runtime:
+        trainer = Trainer(config, runtime)
+        built = dict(vars(trainer))
+        result = trainer.run()
+    assert vars(trainer).keys() == built.keys(), "run() added attributes: build them in __init__"
+    assert result.steps == 2 and trainer.loader.steps_done == 2
+    backends = json.loads((tmp_path / "run" / "config.json").read_text())["resolved_backends"]
+    assert backends == trainer.backends and backends["data"] == "torchvision" and backends["attention"] == "sdpa"
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pth")["backends"] == backends
+
+    # Resumed with another attention backend forced by the environment: the change is recorded
+    # in the config and said, key and backend both.
+    monkeypatch.setenv("FASTDINO_ATTENTION", "explicit")
+    capsys.readouterr()
+    resumed = train(resolve_config("tiny", {**RUN_OVERRIDES, "epochs": 1, "max_steps": 3},
+                                   output_dir=str(tmp_path / "run"), data=str(image_folder)))
+    said = capsys.readouterr().err
+    assert resumed.steps == 3
+    assert "changed config keys: attn_backend" in said and "attention sdpa -> explicit" in said
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["attn_backend"] == saved["resolved_backends"]["attention"] == "explicit"
+
+
+def test_metrics_go_to_tensorboard_when_asked(tmp_path, image_folder):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    train(resolve_config("tiny", {**RUN_OVERRIDES, "epochs": 1, "max_steps": 3, "tensorboard": True},
+                         output_dir=str(tmp_path / "run"), data=str(image_folder)))
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = read_losses(tmp_path / "run")
+    scalars = {event.step: event.value for event in events.Scalars("train/loss")}
+    assert sorted(scalars) == sorted(logged) == [1, 2, 3]
+    assert all(scalars[step] == pytest.approx(logged[step], rel=1e-6) for step in logged)  # float32 in events
+    assert {"train/teacher_entropy", "train/lr", "train/images_per_second"} <= set(events.Tags()["scalars"])
 
 
 @pytest.mark.slow
