@@ -201,3 +201,18 @@ def test_gradient_accumulation_equals_one_big_batch_with_one_ema_and_center_upda
     for p_acc, p_big in zip(list(s_acc.parameters()) + list(t_acc.parameters()),
                             list(s_big.parameters()) + list(t_big.parameters())):
         torch.testing.assert_close(p_acc, p_big, rtol=1e-4, atol=1e-5)
+
+
+def test_ops_backend_reaches_the_loss_the_clipping_and_the_ema(generator, monkeypatch):
+    config = small_config(ops_backend="torch")
+    student, teacher, optimizer, center, _ = make_setup(config)
+    step = DINOStep(student, teacher, optimizer, center, student_temp=config.student_temp,
+                    center_momentum=config.center_momentum, clip_grad=config.clip_grad,
+                    ops_backend=config.ops_backend)
+    backends = {}
+    for name in ("dino_loss", "clip_grad_per_param_", "ema_update_"):
+        real = getattr(step_module, name)
+        monkeypatch.setattr(step_module, name, lambda *a, _real=real, _name=name, **k: (
+            backends.setdefault(_name, k.get("backend")), _real(*a, **k))[1])
+    step([random_crops(generator)], build_schedules(config, 4, 1).at(0), freeze_last_layer=False)
+    assert backends == {"dino_loss": "torch", "clip_grad_per_param_": "torch", "ema_update_": "torch"}
