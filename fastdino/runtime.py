@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,6 +246,14 @@ def _console() -> _Console:
     root.setLevel(logging.INFO)
     root.propagate = False  # one copy of each line, even where the root logger has a handler
     return handler
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message: str, stacklevel: int = 4) -> None:
+    """``warnings.warn(message, RuntimeWarning)`` the first time this message comes up in the
+    process: a fallback is said once, not at every call (``stacklevel`` 4 points at the caller
+    of the function that called the function that warns)."""
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
 def get_logger(component: str) -> logging.Logger:

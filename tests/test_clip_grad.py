@@ -7,7 +7,7 @@ import torch
 
 from conftest import backend_params
 from fastdino.ops import BackendUnavailableError, backend_status, clip_grad_per_param_
-from fastdino.ops.backends import _warn_fallback_once
+from fastdino.runtime import warn_once
 from tolerances import assert_close
 
 BACKENDS = backend_params("torch", "cpp", "triton")
@@ -88,7 +88,7 @@ def test_fused_backends_refuse_a_non_contiguous_gradient(backend, forced_by, dev
 
 @pytest.mark.skipif(backend_status()["cpp"] != "available", reason="auto falls back for want of cpp")
 def test_auto_clips_a_non_contiguous_gradient_on_the_reference_with_one_warning(generator):
-    _warn_fallback_once.cache_clear()
+    warn_once.cache_clear()
     parameters = parameters_with_a_transposed_gradient(generator, torch.device("cpu"))
     expected_grads = [p.grad.double() for p in parameters[1:]]
     expected_norms = release_clip(expected_grads, 3.0)

@@ -29,6 +29,7 @@ from fastdino.models import (
 )
 from fastdino.models import attention as attention_module
 from fastdino.models.attention import multi_head_attention
+from fastdino.runtime import warn_once
 from fastdino.models.vision_transformer import POS_EMBED_CACHE_SIZE, batch_same_size_crops, drop_path
 from model_comparison import max_relative_difference, needs_timm, randomize_parameters, release_interpolation
 
@@ -226,7 +227,7 @@ def test_environment_variable_overrides_the_argument(monkeypatch, generator):
 
 
 def test_xformers_without_cuda_falls_back_with_one_warning(generator):
-    attention_module._warn_fallback_once.cache_clear()
+    warn_once.cache_clear()
     model = tiny_vit(generator, attn_backend="xformers")
     images = torch.randn(2, 3, 32, 32, generator=generator)
     with pytest.warns(RuntimeWarning, match="falls back to 'sdpa'.*CUDA") as caught:
@@ -243,7 +244,7 @@ def test_xformers_without_cuda_falls_back_with_one_warning(generator):
 @pytest.mark.parametrize("requested", ["auto", "xformers"])
 def test_broken_xformers_falls_back_once_and_never_raises(monkeypatch, requested):
     """A GPU whose xformers kernels do not load (simulated: the probe's verdict is replaced)."""
-    attention_module._warn_fallback_once.cache_clear()
+    warn_once.cache_clear()
     reason = "xformers is installed but its kernels do not run on cuda:0 with this torch (NotImplementedError)"
     monkeypatch.setattr(attention_module, "xformers_status", lambda device, dtype: reason)
     cuda = torch.device("cuda", 0)

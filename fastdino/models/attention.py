@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from fastdino.runtime import warn_once
+
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "explicit")
 ATTENTION_ENV_VAR = "FASTDINO_ATTENTION"
-
 
 
 @functools.cache
@@ -91,14 +91,9 @@ def xformers_status(device: torch.device | str = "cuda", dtype: torch.dtype = to
     return _xformers_kernel_error(device, dtype) or "available"
 
 
-@functools.lru_cache(maxsize=None)
 def _warn_fallback_once(requested: str, reason: str) -> None:
-    warnings.warn(
-        f"fastdino.models: attention backend {requested!r} falls back to 'sdpa' "
-        f"(torch.nn.functional.scaled_dot_product_attention): {reason}",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+    warn_once(f"fastdino.models: attention backend {requested!r} falls back to 'sdpa' "
+              f"(torch.nn.functional.scaled_dot_product_attention): {reason}", stacklevel=5)
 
 
 def requested_attention_backend(attn_backend: str) -> str:

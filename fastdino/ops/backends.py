@@ -17,9 +17,10 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import warnings
 
 import torch
+
+from fastdino.runtime import warn_once
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 BACKEND_ENV_VAR = "FASTDINO_BACKEND"
@@ -151,14 +152,9 @@ def resolve_backend(op_name: str, backend: str, tensors: list[torch.Tensor],
     return name
 
 
-@functools.lru_cache(maxsize=None)
 def _warn_fallback_once(op_name: str, reason: str) -> None:
-    warnings.warn(
-        f"fastdino.ops.{op_name}: falling back to the plain PyTorch reference (backend 'torch'), "
-        f"which is slower: {reason}",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+    warn_once(f"fastdino.ops.{op_name}: falling back to the plain PyTorch reference (backend 'torch'), "
+              f"which is slower: {reason}", stacklevel=5)
 
 
 def _check_runs(name: str, device: torch.device) -> None:
