@@ -9,6 +9,8 @@ from fastdino.ops import backend_status, clip_grad_per_param_, dino_loss, ema_up
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FUSED = "triton" if DEVICE.type == "cuda" else "cpp"
+# Fixed inputs: every run times the same values, so runs compare and a surprise can be re-run.
+SEED = 0
 if backend_status()[FUSED] != "available":
     pytest.skip(f"the {FUSED} backend is unavailable: {backend_status()[FUSED]}", allow_module_level=True)
 
@@ -25,8 +27,9 @@ def synchronized(fn):
 @pytest.fixture(scope="module")
 def logits():
     batch, n_classes, ncrops = 8, 65536, 12
-    student = torch.randn(ncrops * batch, n_classes, device=DEVICE).mul_(3).requires_grad_()
-    teacher = torch.randn(2 * batch, n_classes, device=DEVICE).mul_(3)
+    generator = torch.Generator(DEVICE).manual_seed(SEED)
+    student = torch.randn(ncrops * batch, n_classes, device=DEVICE, generator=generator).mul_(3).requires_grad_()
+    teacher = torch.randn(2 * batch, n_classes, device=DEVICE, generator=generator).mul_(3)
     return student, teacher, torch.zeros(1, n_classes, device=DEVICE), ncrops
 
 
@@ -47,7 +50,9 @@ def test_dino_loss_forward_backward(benchmark, logits, provider):
 @pytest.fixture(scope="module")
 def parameter_lists():
     shapes = vit_dino_parameter_shapes(patch_size=16, out_dim=16384)
-    return [torch.randn(s, device=DEVICE) for s in shapes], [torch.randn(s, device=DEVICE) for s in shapes]
+    generator = torch.Generator(DEVICE).manual_seed(SEED)
+    return ([torch.randn(s, device=DEVICE, generator=generator) for s in shapes],
+            [torch.randn(s, device=DEVICE, generator=generator) for s in shapes])
 
 
 @pytest.mark.parametrize("provider", ["per-parameter loop", "foreach_lerp", FUSED])
@@ -64,8 +69,9 @@ def test_teacher_ema(benchmark, parameter_lists, provider):
 def test_clip_grad_per_param(benchmark, parameter_lists, provider):
     teacher, _ = parameter_lists
     parameters = [torch.nn.Parameter(t) for t in teacher]
+    generator = torch.Generator(DEVICE).manual_seed(SEED + 1)
     for parameter in parameters:
-        parameter.grad = torch.randn_like(parameter)
+        parameter.grad = torch.randn(parameter.shape, device=DEVICE, generator=generator)
     benchmark.group = "per-parameter clipping, ViT-S/16 + head (K=16384)"
     norms = benchmark(synchronized(lambda: clip_grad_per_param_(parameters, 3.0, backend=provider)))
     assert norms.shape == (len(parameters),)
