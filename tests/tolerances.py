@@ -5,15 +5,33 @@ reference computed on the very same (upcast) inputs. ``scale`` is the natural si
 quantity's terms where the result can cancel to ~0: the DINO gradient of a row is
 (n_t * softmax - Q) / (tau_s * B * n_pairs), which vanishes when student and teacher agree, so
 its errors are measured against sqrt(rows) / (tau_s * B * n_pairs), the size of those terms;
-likewise the loss against mean |s| / tau_s. float32 math over K = 65536
-terms lands near 1e-6 to 5e-6; bfloat16/float16 outputs carry one rounding to 8 / 11 mantissa bits.
+likewise the loss against mean |s| / tau_s, an EMA against |m t| + |(1 - m) s| and the center
+against the same momentum average of |t|. Never a per-element rtol on a quantity that can
+cancel: float32 cannot resolve an entry far below its terms, so such a test passes or fails
+with the seed.
+
+The error model, float32 (unit roundoff u = 2^-24 = 6e-8):
+- dino_loss: every probability is an exp of a difference of scaled logits z = (t - c) / tau_t
+  or s / tau_s, computed to about half an ulp of max |z| (1.5e-5 for |z| ~ 300: logits of
+  scale 3 at tau_t = 0.04, as the tests draw them), whatever K; so a gradient row is off by
+  ~1e-5 of its terms (grad 2e-5) and the loss by less (1e-5). Larger logits widen both in
+  proportion (``conditioning``).
+- teacher_sum and center: float32 sums of a few O(1) rows and a momentum average of them: a few
+  u per step (1e-6).
+- ema: one float32 multiply-add per element (1e-6).
+- clip: norms over up to 65537 terms, and the clipped gradients inherit the norm's error through
+  the factor. torch's CPU float32 norm (the "torch" backend) errs there by 3e-7 rms, set by its
+  accumulation order (1.05e-6 in the worst of 2000 draws); 2e-6 is 6 times that rms.
+bfloat16/float16 outputs (gradients, EMA teachers, clipped gradients) carry one rounding to
+8 / 11 significant bits, a relative error of at most u = 3.9e-3 / 4.9e-4 per element: their
+tolerances are just above u. Losses and sums are float32 whatever the input dtype.
 """
 
 import torch
 
 TOLERANCES = {
     # quantity:       loss   gradient  teacher_sum  center  ema   clip (norms and clipped grads)
-    torch.float32: dict(loss=1e-5, grad=2e-5, teacher_sum=1e-6, center=1e-6, ema=1e-6, clip=1e-6),
+    torch.float32: dict(loss=1e-5, grad=2e-5, teacher_sum=1e-6, center=1e-6, ema=1e-6, clip=2e-6),
     torch.bfloat16: dict(loss=1e-5, grad=4e-3, teacher_sum=1e-6, center=1e-6, ema=4e-3, clip=4e-3),
     torch.float16: dict(loss=1e-5, grad=5e-4, teacher_sum=1e-6, center=1e-6, ema=5e-4, clip=5e-4),
 }
