@@ -53,7 +53,10 @@ def check_against_reference(backend, device, student, teacher, center, n_global=
     gradient_scale = abs(grad_scale) * student.shape[0] ** 0.5 / (student_temp * batch * n_pairs)
     assert_close(grad, student_ref.grad, dtype, "grad", context, scale=gradient_scale,
                  conditioning=conditioning)
-    assert_close(teacher_sum, sum_ref, dtype, "teacher_sum", context)
+    # A column sum cancels to ~0 as easily as the gradient (K=3 draws such columns): its float32
+    # error is a few u of the terms, sum |t|, not of the sum.
+    sum_scale = float(teacher.double().abs().sum(0).norm())
+    assert_close(teacher_sum, sum_ref, dtype, "teacher_sum", context, scale=sum_scale)
 
 
 @pytest.mark.parametrize("backend", backend_params("torch", "cpp"))

@@ -5,8 +5,8 @@ reference computed on the very same (upcast) inputs. ``scale`` is the natural si
 quantity's terms where the result can cancel to ~0: the DINO gradient of a row is
 (n_t * softmax - Q) / (tau_s * B * n_pairs), which vanishes when student and teacher agree, so
 its errors are measured against sqrt(rows) / (tau_s * B * n_pairs), the size of those terms;
-likewise the loss against mean |s| / tau_s, an EMA against |m t| + |(1 - m) s| and the center
-against the same momentum average of |t|. Never a per-element rtol on a quantity that can
+likewise the loss against mean |s| / tau_s, the teacher column sum against the column sums of
+|t|, an EMA against |m t| + |(1 - m) s| and the center against the momentum average of |t|. Never a per-element rtol on a quantity that can
 cancel: float32 cannot resolve an entry far below its terms, so such a test passes or fails
 with the seed.
 
