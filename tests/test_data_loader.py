@@ -334,6 +334,16 @@ def test_steps_group_micro_batches_across_epochs_with_one_pipeline(photos, backe
         build_multicrop_loader(photos, 5, backend=backend, verbose=False, batches_per_step=5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_colour_jitter_of_strength_zero_changes_nothing(photos, backend, random_seed):
+    # torchvision's ColorJitter leaves out adjustments of strength 0 (hue=0 included)
+    no_strength = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, grayscale_probability=0.0)
+    jittered = next(iter(make_loader(photos, backend, random_seed, color_jitter_probability=1.0, **no_strength)))
+    plain = next(iter(make_loader(photos, backend, random_seed, color_jitter_probability=0.0, **no_strength)))
+    for a, b in zip(jittered, plain):
+        assert torch.equal(a, b) if backend == "torchvision" else (a - b).abs().max() < 1e-5
+
+
 def test_backend_choice_and_the_environment_override(monkeypatch):
     assert resolve_data_backend("torchvision") == "torchvision"
     assert resolve_data_backend("auto") == ("dali" if dali_available() else "torchvision")

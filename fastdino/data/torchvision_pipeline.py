@@ -47,6 +47,8 @@ def augment_crop(image, crop: CropParameters, index: int, size: int, recipe: Mul
     if crop.flip[index]:
         out = functional.hflip(out)
     for adjustment in crop.jitter_order[index]:
+        if adjustment == HUE and recipe.hue == 0:
+            continue  # as ColorJitter(hue=0), which leaves it out: adjust_hue(0) is not exact in 8 bits
         if adjustment == BRIGHTNESS:
             out = functional.adjust_brightness(out, float(crop.brightness[index]))
         elif adjustment == CONTRAST:
