@@ -13,8 +13,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # The tests choose backends themselves; a process-wide override would silently redirect them.
-os.environ.pop("FASTDINO_BACKEND", None)
-os.environ.pop("FASTDINO_DATA_BACKEND", None)
+for variable in ("FASTDINO_BACKEND", "FASTDINO_ATTENTION", "FASTDINO_DATA_BACKEND"):
+    os.environ.pop(variable, None)
 
 import pytest  # noqa: E402
 
