@@ -271,8 +271,8 @@ class ProgressBar:
     """``label |#####.......| done/total rate ETA summary`` as the live status line of a terminal
     (redrawn at most every REDRAW_SECONDS); nothing elsewhere (callers log plain lines there)."""
 
-    def __init__(self, total: int, start: int = 0, unit: str = "it"):
-        self.total, self.start, self.unit = total, start, unit
+    def __init__(self, total: int, start: int = 0):
+        self.total, self.start = total, start
         self.enabled = status_line_available()
         self.started = time.perf_counter()
         self.last_draw = 0.0
@@ -287,7 +287,7 @@ class ProgressBar:
         rate = (done - self.start) / (now - self.started) if done > self.start else 0.0
         eta = str(datetime.timedelta(seconds=round((self.total - done) / rate))) if rate else "?"
         _console().show_status(f"{label} |{'#' * filled}{'.' * (BAR_WIDTH - filled)}| {done}/{self.total} "
-                               f"{rate:.2f} {self.unit}/s ETA {eta} {summary}".strip())
+                               f"{rate:.2f} it/s ETA {eta} {summary}".strip())
 
     def close(self) -> None:
         if self.enabled:

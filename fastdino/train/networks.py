@@ -71,6 +71,12 @@ def parameter_groups(network: nn.Module) -> list[dict]:
             {"params": not_regularized, "weight_decay": 0.0, "apply_weight_decay": False}]
 
 
+def last_layer_parameters(network: nn.Module) -> list[nn.Parameter]:
+    """The head's prototypes layer, by the release's name rule (cancel_gradients_last_layer
+    matches "last_layer" in the parameter name): what the freeze of its first epochs holds."""
+    return [parameter for name, parameter in network.named_parameters() if "last_layer" in name]
+
+
 def _last_layer_apart(groups: list[dict], network: nn.Module) -> list[dict]:
     """``groups`` with the head's last layer moved to groups of its own (same settings, after
     the others).
@@ -80,8 +86,7 @@ def _last_layer_apart(groups: list[dict], network: nn.Module) -> list[dict]:
     hence no momentum buffer, while the rest trains. In groups of its own its momentum starts at
     its first gradient, as in the release's (non-fused) SGD.
     """
-    # The name rule of DINOStep's freeze (the release's cancel_gradients_last_layer).
-    last_layer = {id(p) for name, p in network.named_parameters() if "last_layer" in name}
+    last_layer = {id(p) for p in last_layer_parameters(network)}
 
     def part(group: dict, of_last_layer: bool) -> dict:
         return {**group, "params": [p for p in group["params"] if (id(p) in last_layer) == of_last_layer]}

@@ -26,6 +26,7 @@ from fastdino.ops import CenterUpdate, clip_grad_per_param_, dino_loss, ema_upda
 from fastdino.runtime import unwrap_parallel
 
 from .collapse import teacher_entropy
+from .networks import last_layer_parameters
 from .schedules import ScheduledValues
 
 N_GLOBAL_CROPS = 2
@@ -69,8 +70,7 @@ class DINOStep:
         if len(self.student_params) != len(self.teacher_params):
             raise ValueError(f"student has {len(self.student_params)} parameter tensors, teacher "
                              f"{len(self.teacher_params)}: they must share one architecture")
-        # The release's cancel_gradients_last_layer matches "last_layer" in the parameter name.
-        self.last_layer_params = [p for name, p in network.named_parameters() if "last_layer" in name]
+        self.last_layer_params = last_layer_parameters(network)
         self.device = center.device
 
     def _autocast(self):
