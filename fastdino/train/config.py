@@ -164,7 +164,7 @@ class TrainConfig:
             self.multicrop_recipe()  # the recipe checks its crop sizes and scales itself
         except ValueError as error:
             raise ConfigError(str(error).removeprefix(f"{MultiCropRecipe.__name__}.")) from None
-        if not self.arch.startswith("vit"):
+        if not self.is_vit:
             for key in ("attn_backend", "activation_checkpointing"):
                 if getattr(self, key) != TrainConfig.__dataclass_fields__[key].default:
                     fail(key, f"applies to the ViT backbones only, not to arch={self.arch!r}")
@@ -179,6 +179,11 @@ class TrainConfig:
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             fail("tensorboard", "the tensorboard package is not installed: pip install tensorboard")
         return self
+
+    @property
+    def is_vit(self) -> bool:
+        """A ViT backbone: the attention and activation-checkpointing keys apply to it."""
+        return self.arch.startswith("vit")
 
     @property
     def resolved_precision(self) -> str:
@@ -336,7 +341,7 @@ def apply_environment(config: TrainConfig) -> TrainConfig:
         value = os.environ.get(variable)
         if not value or getattr(config, key) == value:
             continue
-        if key == "attn_backend" and not config.arch.startswith("vit"):
+        if key == "attn_backend" and not config.is_vit:
             continue
         choices = TrainConfig.__dataclass_fields__[key].metadata["choices"]
         if value not in choices:
@@ -359,7 +364,7 @@ def resolve_backends(config: TrainConfig, device: torch.device) -> dict[str, str
     except BackendUnavailableError as error:
         raise ConfigError(f"ops_backend={config.ops_backend!r}: {error}") from None
     attention = "none (not a ViT)"
-    if config.arch.startswith("vit"):
+    if config.is_vit:
         attention = resolve_attention_backend(config.attn_backend, device, config.autocast_dtype or torch.float32)
     try:
         data = resolve_data_backend(config.data_backend)

@@ -14,7 +14,7 @@ from fastdino.models import DINOHead, MultiCropWrapper, create_backbone
 
 
 def _backbone(config, drop_path_rate: float) -> nn.Module:
-    if config.arch.startswith("vit"):
+    if config.is_vit:
         return create_backbone(config.arch, drop_path_rate=drop_path_rate, attn_backend=config.attn_backend,
                                activation_checkpointing=config.activation_checkpointing)
     return create_backbone(config.arch, drop_path_rate=drop_path_rate)
