@@ -90,18 +90,46 @@ def test_two_gloo_processes_train_with_identical_teachers_and_centers(tmp_path, 
     assert json.loads((run_dir / "config.json").read_text())["batch_size_per_gpu"] == 4
 
 
-def start_cli(run_dir, data_dir, overrides, extra_environment=None, launcher=None):
+def start_cli(run_dir, data_dir, overrides, extra_environment=None, launcher=None, log_name=None):
+    """``fastdino.train`` in a child process whose output goes to a log file beside ``run_dir``.
+
+    A file, not a pipe: a child writing into a pipe that the test does not read yet (the second
+    node's, while the first is waited on) blocks once the pipe is full, and so does every rank
+    waiting for it.
+    """
     command = (launcher or [sys.executable, "-m"]) + ["fastdino.train", "--preset", "tiny", "--output-dir",
                                                      str(run_dir), "--data", str(data_dir)]
     environment = {**os.environ, **ONE_THREAD, **(extra_environment or {})}
-    return subprocess.Popen(command + cli_arguments(overrides), env=environment, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    log_path = run_dir.parent / f"{log_name or run_dir.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(command + cli_arguments(overrides), env=environment, stdout=log,
+                                   stderr=subprocess.STDOUT, text=True)
+    process.log_path = log_path
+    return process
 
 
-def finish(process, timeout=300):
-    _, stderr = process.communicate(timeout=timeout)
-    assert process.returncode == 0, f"exit {process.returncode}\n{stderr[-3000:]}"
-    return stderr
+def finish(*processes, timeout=300) -> str:
+    """Wait for every process to exit 0, and return their logs joined.
+
+    One failing process ends the wait: the others are killed rather than left waiting for it
+    (torchrun's agents wait 300 s for each other at exit). The failure shows every log.
+    """
+    deadline = time.monotonic() + timeout
+    while any(process.poll() is None for process in processes):
+        failed = any(process.poll() not in (None, 0) for process in processes)
+        if failed or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    logs = [process.log_path.read_text() for process in processes]
+    report = "\n".join(f"--- {process.log_path.name}: exit {process.returncode}\n{log[-3000:]}"
+                       for process, log in zip(processes, logs))
+    assert all(process.returncode == 0 for process in processes), report
+    return "".join(logs)
 
 
 def test_a_killed_run_resumes_and_reproduces_the_uninterrupted_losses_exactly(tmp_path, image_folder):
@@ -113,12 +141,12 @@ def test_a_killed_run_resumes_and_reproduces_the_uninterrupted_losses_exactly(tm
     while not first_checkpoint.exists() and process.poll() is None:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
-    process.communicate()
+    process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert max(read_losses(killed_dir)) < 16
 
-    stderr = finish(start_cli(killed_dir, image_folder, overrides))
-    assert "resumed from" in stderr
+    output = finish(start_cli(killed_dir, image_folder, overrides, log_name="resumed"))
+    assert "resumed from" in output
     finish(uninterrupted)
     expected = read_losses(tmp_path / "uninterrupted")
     assert sorted(expected) == list(range(1, 17))
@@ -130,13 +158,12 @@ def test_torchrun_rendezvous_of_two_nodes_with_one_process_each(tmp_path, image_
     overrides = {**RUN_OVERRIDES, "epochs": 1}
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
-        start_cli(tmp_path / "run", image_folder, overrides, launcher=[
+        start_cli(tmp_path / "run", image_folder, overrides, log_name=f"node{node}", launcher=[
             sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
             f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=test", "-m"])
         for node in range(2)
     ]
-    outputs = [finish(process) for process in nodes]
-    assert "2 rank(s)" in "".join(outputs)
+    assert "2 rank(s)" in finish(*nodes)
     assert read_checkpoint(tmp_path / "run" / "checkpoint.pth")["step"] == 4
     assert len(read_checkpoint(tmp_path / "run" / "checkpoint.pth")["rng"]) == 2
 
