@@ -118,26 +118,27 @@ def test_vit_features_agree_across_sdpa_and_explicit(generator):
     assert max_relative_difference(explicit, sdpa) <= FP32_TOLERANCE
 
 
-class BlockDiagonalMaskStandIn:
-    """Records what fastdino passes to xformers' ``fmha.BlockDiagonalMask.from_seqlens``."""
+def real_fmha():
+    """xformers' own ``fmha`` module (its masks import without CUDA; its kernels need a GPU)."""
+    fmha = pytest.importorskip("xformers.ops.fmha", reason="xformers is not installed (pip install "
+                                                           "-e '.[xformers]'; CI installs it)")
+    return fmha
 
-    def __init__(self, seqlens):
-        self.seqlens = list(seqlens)
 
-    @classmethod
-    def from_seqlens(cls, q_seqlen, kv_seqlen=None):
-        assert kv_seqlen is None
-        return cls(q_seqlen)
+def seqlens_of(mask) -> list[int]:
+    starts = mask.q_seqinfo.seqstart_py
+    return [end - start for start, end in zip(starts, starts[1:])]
 
 
 def memory_efficient_attention_stand_in(calls):
-    """xformers' documented function on (B, M, H, K) tensors, as a dense SDPA, recording calls."""
+    """xformers' documented function on (B, M, H, K) tensors, computed by SDPA with xformers' real
+    ``attn_bias`` materialized as an additive mask; records each call."""
     def attend(query, key, value, attn_bias=None):
         calls.append((tuple(query.shape), attn_bias))
         mask = None
         if attn_bias is not None:
-            sequence_id = torch.repeat_interleave(torch.tensor(attn_bias.seqlens))
-            mask = sequence_id[:, None] == sequence_id[None, :]
+            tokens = query.shape[1]
+            mask = attn_bias.materialize((tokens, tokens), dtype=query.dtype, device=query.device)
         out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (query, key, value)),
                                              attn_mask=mask)
         return out.transpose(1, 2)
@@ -146,15 +147,61 @@ def memory_efficient_attention_stand_in(calls):
 
 @pytest.fixture
 def xformers_stand_in(monkeypatch):
-    """Routes the "xformers" backend to the stand-ins above, so its wiring runs on the CPU."""
+    """Routes the "xformers" backend to xformers' real masks and a stand-in for its kernel, so its
+    wiring runs on the CPU."""
     calls = []
     stand_in_ops = SimpleNamespace(memory_efficient_attention=memory_efficient_attention_stand_in(calls),
-                                   fmha=SimpleNamespace(BlockDiagonalMask=BlockDiagonalMaskStandIn))
+                                   fmha=real_fmha())
     monkeypatch.setattr(attention_module, "_xformers_ops", lambda: stand_in_ops)
     monkeypatch.setattr(attention_module, "xformers_status", lambda device, dtype: "available")
     attention_module._block_diagonal_mask.cache_clear()
     yield calls
-    attention_module._block_diagonal_mask.cache_clear()  # it holds stand-in masks
+    attention_module._block_diagonal_mask.cache_clear()
+
+
+def test_the_xformers_probe_ignores_the_callers_grad_mode_and_autocast(monkeypatch):
+    # The first attention call of a DINO step is the teacher's, under no_grad (and autocast):
+    # a probe that inherits those modes fails its backward and disables xformers for the run.
+    calls = []
+    stand_in_ops = SimpleNamespace(memory_efficient_attention=memory_efficient_attention_stand_in(calls),
+                                   fmha=real_fmha())
+    monkeypatch.setattr(attention_module, "_xformers_import", lambda: (stand_in_ops, ""))
+    probe = attention_module._xformers_kernel_error.__wrapped__  # uncached
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        assert probe(cpu, torch.float32) == ""
+    with torch.inference_mode():
+        assert probe(cpu, torch.float32) == ""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert probe(cpu, torch.float32) == ""
+    assert len(calls) == 3 and all(seqlens_of(mask) == [8, 8] for _, mask in calls)
+
+
+def test_the_block_diagonal_mask_is_built_on_the_tensors_device_and_cached_per_device(monkeypatch):
+    fmha = real_fmha()
+    packing = PackedSequences(((2, 3), (1, 2)))
+    attention_module._block_diagonal_mask.cache_clear()
+    mask = packing.xformers_mask(torch.device("cpu"))
+    assert seqlens_of(mask) == [3, 3, 2] and mask.q_seqinfo.seqstart.device.type == "cpu"
+    expected = torch.block_diag(*(torch.ones(n, n) for n in (3, 3, 2))).bool()
+    assert torch.equal(mask.materialize((8, 8), dtype=torch.float32) == 0, expected)
+
+    # cuda:1 without set_device: the mask must not land on the current device (cuda:0).
+    built_on = []
+    real_from_seqlens = fmha.BlockDiagonalMask.from_seqlens
+
+    def from_seqlens(seqlens, device=None):
+        built_on.append(device)
+        return real_from_seqlens(seqlens, device=torch.device("cpu"))
+
+    monkeypatch.setattr(fmha.BlockDiagonalMask, "from_seqlens", from_seqlens)
+    monkeypatch.setattr(attention_module, "_xformers_ops", lambda: SimpleNamespace(fmha=fmha))
+    attention_module._block_diagonal_mask.cache_clear()
+    first, second = (torch.device("cuda", index) for index in (0, 1))
+    masks = [packing.xformers_mask(device) for device in (first, second, first, second)]
+    assert built_on == [first, second]  # once per device, then cached
+    assert masks[0] is masks[2] and masks[1] is masks[3] and masks[0] is not masks[1]
+    attention_module._block_diagonal_mask.cache_clear()
 
 
 def test_xformers_path_packs_all_crops_into_one_call_per_block(generator, xformers_stand_in):
@@ -167,7 +214,7 @@ def test_xformers_path_packs_all_crops_into_one_call_per_block(generator, xforme
     tokens = 4 * 17 + 4 * 5 + 2 * 7
     assert len(xformers_stand_in) == 12  # one attention call per block for all crops
     assert all(shape == (1, tokens, 3, 64) for shape, _ in xformers_stand_in)
-    assert xformers_stand_in[0][1].seqlens == [17] * 4 + [5] * 4 + [7] * 2
+    assert seqlens_of(xformers_stand_in[0][1]) == [17] * 4 + [5] * 4 + [7] * 2
     assert len({id(mask) for _, mask in xformers_stand_in}) == 1  # one mask, built once
     assert max_relative_difference(packed, per_resolution) <= FP32_TOLERANCE
 

@@ -17,6 +17,7 @@ from .attention import (
     ATTENTION_BACKENDS,
     ATTENTION_ENV_VAR,
     PackedSequences,
+    attention_kernels_report,
     resolve_attention_backend,
     xformers_status,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "VisionTransformer",
     "WeightNormalizedLinear",
     "XFORMERS_AVAILABLE",
+    "attention_kernels_report",
     "check_state_dict",
     "convert_weight_norm_keys",
     "create_backbone",

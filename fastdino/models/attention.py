@@ -64,15 +64,18 @@ def _xformers_kernel_error(device: torch.device, dtype: torch.dtype) -> str:
     """"" when xformers runs forward and backward on ``device`` in ``dtype``, else why not.
 
     Probed once per (device, dtype): a GPU may lack kernels for one dtype only (bfloat16 on V100).
+    The first call often comes from the teacher's forward, under ``no_grad`` (or inference_mode)
+    and autocast: the probe sets its own modes, so the answer never depends on the caller's.
     """
     xformers_ops, import_error = _xformers_import()
     if xformers_ops is None:
         return f"xformers could not be imported ({import_error})"
     try:
-        # The smallest call shaped like ours: (B, M, H, K) inputs and a block-diagonal mask.
-        query = torch.zeros(1, 16, 1, 64, device=device, dtype=dtype, requires_grad=True)
-        mask = xformers_ops.fmha.BlockDiagonalMask.from_seqlens([8, 8])
-        xformers_ops.memory_efficient_attention(query, query, query, attn_bias=mask).sum().backward()
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            # The smallest call shaped like ours: (B, M, H, K) inputs and a block-diagonal mask.
+            query = torch.zeros(1, 16, 1, 64, device=device, dtype=dtype, requires_grad=True)
+            mask = xformers_ops.fmha.BlockDiagonalMask.from_seqlens([8, 8], device=device)
+            xformers_ops.memory_efficient_attention(query, query, query, attn_bias=mask).sum().backward()
     except Exception as error:  # e.g. "No operator found for memory_efficient_attention_forward"
         return (f"xformers is installed but its kernels do not run on {device} in {dtype} with "
                 f"this torch ({type(error).__name__}: {error})")
@@ -89,6 +92,24 @@ def xformers_status(device: torch.device | str = "cuda", dtype: torch.dtype = to
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return _xformers_kernel_error(device, dtype) or "available"
+
+
+def _sdpa_kernels(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "usable (torch's fused CPU kernel)"
+    enabled = [name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
+                                     ("memory-efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
+                                     ("cudnn", torch.backends.cuda.cudnn_sdp_enabled()),
+                                     ("math", torch.backends.cuda.math_sdp_enabled())) if on]
+    return f"usable (torch picks per call among: {', '.join(enabled) or 'none enabled'})"
+
+
+def attention_kernels_report(device: torch.device | str, dtype: torch.dtype) -> str:
+    """One line: which attention backends can run on ``device`` in ``dtype``, and why not."""
+    device = torch.device(device)
+    xformers = xformers_status(device, dtype)
+    return (f"xformers {'usable' if xformers == 'available' else 'not usable: ' + xformers}; "
+            f"sdpa {_sdpa_kernels(device)}; explicit usable")
 
 
 def _warn_fallback_once(requested: str, reason: str) -> None:
@@ -188,15 +209,18 @@ class PackedSequences:
         return torch.cat([value[:, None].expand(count, length).reshape(-1)
                           for value, (count, length) in zip(values, self.groups)]).view(1, -1, 1)
 
-    def xformers_mask(self):
-        """xformers' ``BlockDiagonalMask`` for these sequences (built once per layout)."""
-        return _block_diagonal_mask(self.groups)
+    def xformers_mask(self, device: torch.device):
+        """xformers' ``BlockDiagonalMask`` for these sequences on ``device`` (built once per layout
+        and device)."""
+        return _block_diagonal_mask(self.groups, torch.device(device))
 
 
 @functools.lru_cache(maxsize=32)
-def _block_diagonal_mask(groups: tuple[tuple[int, int], ...]):
-    # Cached so that its sequence-start tensor moves to the GPU once, not in every block.
-    return _xformers_ops().fmha.BlockDiagonalMask.from_seqlens(PackedSequences(groups).sequence_lengths())
+def _block_diagonal_mask(groups: tuple[tuple[int, int], ...], device: torch.device):
+    # Cached so that its sequence-start tensor moves to the GPU once, not in every block; on the
+    # tensors' device, which need not be the current one (cuda:1 without set_device).
+    return _xformers_ops().fmha.BlockDiagonalMask.from_seqlens(PackedSequences(groups).sequence_lengths(),
+                                                               device=device)
 
 
 def attention_probabilities(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -233,7 +257,7 @@ def multi_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         return _attend_unpacked(query, key, value, backend)
     if backend == "xformers":
         # One kernel launch over all sequences; the mask confines attention to each sequence.
-        return _xformers_ops().memory_efficient_attention(query, key, value, attn_bias=packing.xformers_mask())
+        return _xformers_ops().memory_efficient_attention(query, key, value, attn_bias=packing.xformers_mask(query.device))
     # Without a block-diagonal kernel, attend each group of equal-length sequences as a batch:
     # the same result, with no (T x T) mask.
     outputs = [_attend_unpacked(*group_tensors, backend) for group_tensors in

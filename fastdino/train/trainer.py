@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastdino.data import ImageFolderError, build_multicrop_loader, write_synthetic_image_folder
-from fastdino.models import export_backbone_state_dict
+from fastdino.models import attention_kernels_report, export_backbone_state_dict
 from fastdino.runtime import Runtime, atomic_save, get_logger, runtime_scope
 
 from .checkpointing import (
@@ -154,6 +154,8 @@ class Trainer:
                     f"global batch {self.global_batch}, {self.steps_per_epoch} steps/epoch, steps "
                     f"{self.start_step} -> {self.stop_step} of {total_steps}, output {self.run_dir}; "
                     + ", ".join(f"{key} {value}" for key, value in self.backends.items()))
+        if config.is_vit:
+            self._log_attention_kernels()
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -168,6 +170,13 @@ class Trainer:
             remove_partial_files(self.run_dir)
             save_config_json(self.config, self.backends, self.run_dir / CONFIG_FILE_NAME)
         self.runtime.barrier()
+
+    def _log_attention_kernels(self) -> None:
+        dtype = self.config.autocast_dtype or torch.float32
+        running = self.backends["attention"]
+        how = "all crops packed in one forward" if running == "xformers" else "one forward per crop resolution"
+        logger.info(f"attention on {self.device} in {str(dtype).removeprefix('torch.')}: "
+                    f"{attention_kernels_report(self.device, dtype)}; running {running} ({how})")
 
     def _data_path(self) -> Path:
         if self.config.data:
