@@ -227,6 +227,37 @@ def test_xformers_path_packs_all_crops_into_one_call_per_block(generator, xforme
     assert max_relative_difference(unpacked, per_resolution) <= FP32_TOLERANCE
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+def test_a_compiled_block_on_the_packed_path_compiles_once_per_layout(generator, backend, request):
+    """compile=true compiles each block; on the packed multi-crop path it must neither recompile
+    at every step nor break its graph anywhere but at the xformers call (run eagerly on purpose,
+    with xformers' real mask)."""
+    from torch._dynamo.testing import CompileCounter
+    if backend == "xformers":
+        request.getfixturevalue("xformers_stand_in")
+    block = tiny_vit(generator).blocks[0]
+    packing = PackedSequences(((4, 17), (8, 5)))
+    tokens = torch.randn(1, packing.num_tokens, 192, generator=generator)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(block)(tokens, backend, packing)
+    reasons = {reason.reason.splitlines()[0] for reason in explanation.break_reasons}
+    assert reasons == ({"Skip calling `torch.compiler.disable()`d function"} if backend == "xformers" else set())
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(block, backend=counter)
+    expected = block(tokens, backend, packing)
+    for _ in range(3):  # the steps of a run: one layout
+        out = compiled(tokens, backend, packing)
+    frames = counter.frame_count
+    assert frames == (1 if backend == "sdpa" else 4)  # the xformers call splits block and attention
+    assert max_relative_difference(out, expected) <= FP32_TOLERANCE
+    other = PackedSequences(((2, 17), (4, 5)))
+    compiled(torch.randn(1, other.num_tokens, 192, generator=generator), backend, other)
+    assert counter.frame_count == 2 * frames  # another crop layout: compiled once more
+    torch._dynamo.reset()
+
+
 @needs_xformers
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_xformers_matches_sdpa_on_gpu(generator, dtype):

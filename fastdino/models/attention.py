@@ -229,10 +229,20 @@ def attention_probabilities(query: torch.Tensor, key: torch.Tensor) -> torch.Ten
     return ((query @ key.transpose(-2, -1)) * scale).softmax(dim=-1)
 
 
+@torch.compiler.disable
+def _xformers_attention(query, key, value, packing: PackedSequences | None = None) -> torch.Tensor:
+    # Run eagerly inside a compiled block: xformers chooses its kernel in Python at every call and
+    # the packed mask comes from a per-device cache, which dynamo would trace (and break on)
+    # several times per block. One deliberate graph break here keeps the rest of the block in
+    # one graph on either side.
+    attn_bias = packing.xformers_mask(query.device) if packing is not None else None
+    return _xformers_ops().memory_efficient_attention(query, key, value, attn_bias=attn_bias)
+
+
 def _attend_unpacked(query, key, value, backend: str) -> torch.Tensor:
     """(B, N, H, d) query, key, value -> (B, N, H, d), every sequence of length N on its own."""
     if backend == "xformers":
-        return _xformers_ops().memory_efficient_attention(query, key, value)
+        return _xformers_attention(query, key, value)
     # SDPA and the explicit path take (B, H, N, d); transposing is a view, not a copy.
     query, key, value = (tensor.transpose(1, 2) for tensor in (query, key, value))
     if backend == "sdpa":
@@ -257,7 +267,7 @@ def multi_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         return _attend_unpacked(query, key, value, backend)
     if backend == "xformers":
         # One kernel launch over all sequences; the mask confines attention to each sequence.
-        return _xformers_ops().memory_efficient_attention(query, key, value, attn_bias=packing.xformers_mask(query.device))
+        return _xformers_attention(query, key, value, packing)
     # Without a block-diagonal kernel, attend each group of equal-length sequences as a batch:
     # the same result, with no (T x T) mask.
     outputs = [_attend_unpacked(*group_tensors, backend) for group_tensors in
