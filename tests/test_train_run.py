@@ -48,12 +48,15 @@ def cli_arguments(overrides: dict) -> list[str]:
     return [f"{key}={value}" for key, value in overrides.items()]
 
 
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def read_losses(run_dir) -> dict[int, float]:
-    """step -> loss; a step logged twice (before a kill and after the resume) keeps its last entry."""
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        losses[entry["step"]] = entry["loss"]
+    """step -> loss of the logged steps, each of which must appear once (resumed runs too)."""
+    steps = [entry for entry in read_metrics(run_dir) if "loss" in entry]
+    losses = {entry["step"]: entry["loss"] for entry in steps}
+    assert len(losses) == len(steps), f"steps logged twice: {[entry['step'] for entry in steps]}"
     return losses
 
 
@@ -145,8 +148,11 @@ def test_a_killed_run_resumes_and_reproduces_the_uninterrupted_losses_exactly(tm
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert max(read_losses(killed_dir)) < 16
 
+    logged_before_the_kill = max(read_losses(killed_dir))
     output = finish(start_cli(killed_dir, image_folder, overrides, log_name="resumed"))
     assert "resumed from" in output
+    restarts = [entry for entry in read_metrics(killed_dir) if entry.get("event") == "resumed"]
+    assert len(restarts) == 1 and 2 <= restarts[0]["step"] <= logged_before_the_kill
     finish(uninterrupted)
     expected = read_losses(tmp_path / "uninterrupted")
     assert sorted(expected) == list(range(1, 17))

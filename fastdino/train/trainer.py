@@ -253,8 +253,8 @@ class Trainer:
             logger.info(f"nothing to do: the run in {self.run_dir} is at step {self.start_step} "
                         f"(stop at {self.stop_step})")
             return TrainResult(self.run_dir, self.start_step, None, self.student, self.teacher, self.center)
-        progress = TrainingProgress(self.stop_step, self.start_step, self.run_dir,
-                                    enabled=self.runtime.is_main, tensorboard=config.tensorboard)
+        progress = TrainingProgress(self.stop_step, self.start_step, self.run_dir, enabled=self.runtime.is_main,
+                                    tensorboard=config.tensorboard, resumed_from=self.last_good_checkpoint)
         window = _MetricsWindow(self.device)
         last_metrics = None
         self.student.train()
