@@ -16,7 +16,7 @@ from fastdino.train.checkpointing import (
     capture_rng_state,
     checkpoint_path,
     list_checkpoints,
-    load_newest_checkpoint,
+    newest_resumable_checkpoint,
     point_latest_to,
     prune_checkpoints,
     remove_partial_files,
@@ -31,7 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def write_steps(run_dir, steps):
     for step in steps:
         path = checkpoint_path(run_dir, step)
-        atomic_save({"step": step, "weights": torch.full((4,), float(step))}, path)
+        atomic_save({"student": {}, "teacher": {}, "optimizer": {}, "data": {}, "step": step,
+                     "weights": torch.full((4,), float(step))}, path)
         point_latest_to(path)
 
 
@@ -49,7 +50,7 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint_usable(tmp_path, mo
 
     assert [step for step, _ in list_checkpoints(tmp_path)] == [10]
     assert not list(tmp_path.glob(".*partial*")), "the temporary file was left behind"
-    path, payload = load_newest_checkpoint(tmp_path)
+    path, payload = newest_resumable_checkpoint(tmp_path)
     assert payload["step"] == 10 and path == checkpoint_path(tmp_path, 10)
     assert read_checkpoint(tmp_path / LATEST_CHECKPOINT_NAME)["step"] == 10
 
@@ -58,7 +59,7 @@ def test_a_killed_process_leaves_only_a_hidden_partial_file_that_resume_ignores(
     write_steps(tmp_path, [10])
     partial = tmp_path / f".{checkpoint_path(tmp_path, 20).name}.partial-12345"
     partial.write_bytes(b"truncated")  # SIGKILL mid-write: no cleanup ran
-    assert load_newest_checkpoint(tmp_path)[1]["step"] == 10
+    assert newest_resumable_checkpoint(tmp_path)[1]["step"] == 10
     remove_partial_files(tmp_path)
     assert not partial.exists()
 
@@ -67,9 +68,9 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     write_steps(tmp_path, [10, 20])
     newest = checkpoint_path(tmp_path, 20)
     newest.write_bytes(newest.read_bytes()[:100])  # e.g. a disk that lost the tail
-    _, payload = load_newest_checkpoint(tmp_path)
+    _, payload = newest_resumable_checkpoint(tmp_path)
     assert payload["step"] == 10
-    assert "cannot read" in capsys.readouterr().err
+    assert f"cannot resume from {newest}: " in capsys.readouterr().err
 
 
 def test_only_the_last_k_checkpoints_are_kept_and_latest_points_to_the_newest(tmp_path):
@@ -77,7 +78,7 @@ def test_only_the_last_k_checkpoints_are_kept_and_latest_points_to_the_newest(tm
     prune_checkpoints(tmp_path, keep_last=2)
     assert [step for step, _ in list_checkpoints(tmp_path)] == [15, 20]
     assert read_checkpoint(tmp_path / LATEST_CHECKPOINT_NAME)["step"] == 20
-    assert load_newest_checkpoint(tmp_path / "empty") is None
+    assert newest_resumable_checkpoint(tmp_path / "empty") is None
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):

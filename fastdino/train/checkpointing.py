@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -32,8 +33,11 @@ from torch import nn
 from fastdino.models import export_dino_checkpoint, load_dino_checkpoint, read_checkpoint
 from fastdino.runtime import PARTIAL_MARKER, Runtime, get_logger, partial_path
 
+from .config import ConfigError
+
 LATEST_CHECKPOINT_NAME = "checkpoint.pth"
 BACKBONE_EXPORT_NAME = "teacher_backbone.pth"
+REPLACED_FOLDER_PREFIX = "replaced-"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-step(\d+)\.pth$")
 logger = get_logger("train")
 
@@ -78,31 +82,112 @@ def remove_partial_files(run_dir: Path) -> None:
         entry.unlink(missing_ok=True)
 
 
-def load_newest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
-    """The newest readable checkpoint of ``run_dir``; unreadable ones are reported and skipped."""
-    for _, path in reversed(list_checkpoints(run_dir)):
+def unreadable_reason(error: Exception) -> str:
+    """torch.load's error in one line, without its advice to unpickle untrusted code."""
+    message = str(error).strip()
+    if message.startswith("Weights only load failed"):
+        # torch's paragraph of advice, then what the unpickler actually met
+        detail = message.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+        detail = " ".join(detail.split()) or "an object that is not a tensor or a plain container"
+        return f"not a file of tensors and plain containers (torch's weights-only unpickler: {detail})"
+    first_line = message.splitlines()[0] if message else ""
+    return f"{type(error).__name__}: {first_line}".removesuffix(":").strip()
+
+
+def checkpoint_kind(payload) -> str | None:
+    """"fastdino", "release" (the public DINO's checkpoint.pth) or None (neither)."""
+    if not isinstance(payload, dict) or not {"student", "teacher", "optimizer"} <= payload.keys():
+        return None
+    if {"step", "data"} <= payload.keys():
+        return "fastdino"
+    return "release" if "epoch" in payload else None
+
+
+def read_resumable(path: Path) -> dict:
+    """The payload of a fastdino or release checkpoint at ``path``; ConfigError (one line, naming
+    the file and why) for anything else."""
+    try:
+        payload = read_checkpoint(path)
+    except Exception as error:  # truncated, corrupt, not a torch file
+        raise ConfigError(f"cannot resume from {path}: {unreadable_reason(error)}") from None
+    if checkpoint_kind(payload) is None:
+        keys = sorted(payload)[:8] if isinstance(payload, dict) else type(payload).__name__
+        raise ConfigError(f"cannot resume from {path}: neither a fastdino nor a release DINO checkpoint "
+                          f"(top-level keys {keys})")
+    return payload
+
+
+def resumable_files(run_dir: Path) -> list[Path]:
+    """What ``resume=auto`` may continue from, newest first: the step checkpoints, else a lone
+    ``checkpoint.pth`` (the release's name: a folder from the release, or copied by hand)."""
+    steps = [path for _, path in reversed(list_checkpoints(run_dir))]
+    latest = Path(run_dir) / LATEST_CHECKPOINT_NAME
+    return steps or ([latest] if latest.is_file() else [])
+
+
+def newest_resumable_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint of ``run_dir``, falling back past unreadable ones; when
+    there are checkpoints and none can be read, ConfigError listing each and why."""
+    failures, candidates = [], resumable_files(run_dir)
+    for path in candidates:
         try:
-            return path, read_checkpoint(path)
-        except Exception as error:  # truncated or corrupt file: fall back to the one before
-            logger.warning(f"cannot read {path} ({type(error).__name__}: {error}); trying the previous checkpoint")
+            return path, read_resumable(path)
+        except ConfigError as error:
+            if path != candidates[-1]:
+                logger.warning(f"{error}; trying the previous checkpoint")
+            failures.append(str(error).removeprefix("cannot resume from "))
+    if failures:
+        raise ConfigError(
+            f"{run_dir} holds checkpoints but none can be resumed from:\n  " + "\n  ".join(failures)
+            + f"\nresume=restart starts over at step 0 (the files are moved to "
+              f"{run_dir}/{REPLACED_FOLDER_PREFIX}<time>, not deleted)")
     return None
+
+
+def set_aside_checkpoints(run_dir: Path) -> Path | None:
+    """Move every checkpoint of ``run_dir`` into a new ``replaced-<time>`` folder (resume=restart):
+    a run never overwrites a checkpoint it did not write."""
+    files = [path for _, path in list_checkpoints(run_dir)]
+    latest = Path(run_dir) / LATEST_CHECKPOINT_NAME
+    files += [latest] if latest.is_file() else []
+    if not files:
+        return None
+    folder = Path(run_dir) / f"{REPLACED_FOLDER_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+    folder.mkdir()
+    for path in files:
+        os.replace(path, folder / path.name)
+    return folder
 
 
 def checkpoint_to_resume(resume: str, run_dir: Path, runtime: Runtime) -> tuple[Path, dict] | None:
     """(path, payload) of the checkpoint ``resume`` asks for, the same on every rank, or None.
 
-    resume: "auto" (the newest readable one in ``run_dir``), "never", or a path. Under "auto"
-    rank 0 chooses (reading it proves it is intact) and tells the others, so that every rank
-    resumes from the same file, which must be on a file system all nodes share.
+    resume: "auto" (the newest readable one in ``run_dir``), "never", "restart" (start at step 0,
+    the existing checkpoints moved aside) or a path. Rank 0 chooses (reading it proves it is
+    intact) and tells the others, so that every rank resumes from the same file, which must be
+    on a file system all nodes share; an error is raised on every rank alike.
     """
     if resume == "never":
         return None
-    if resume != "auto":
-        return Path(resume), read_checkpoint(resume)
-    found = load_newest_checkpoint(run_dir) if runtime.is_main else None
-    chosen = [str(found[0]) if found else None]
+    if resume not in ("auto", "restart"):
+        return Path(resume), read_resumable(Path(resume))
+    found, message = None, None
+    if runtime.is_main:
+        if resume == "restart":
+            folder = set_aside_checkpoints(run_dir)
+            if folder is not None:
+                logger.warning(f"resume=restart: starting at step 0; the checkpoints that were in {run_dir} "
+                               f"are now in {folder}")
+        else:
+            try:
+                found = newest_resumable_checkpoint(run_dir)
+            except ConfigError as error:
+                message = str(error)
+    chosen = [str(found[0]) if found else None, message]
     if runtime.initialized:
         dist.broadcast_object_list(chosen, src=0)
+    if chosen[1] is not None:
+        raise ConfigError(chosen[1])
     if chosen[0] is None:
         return None
     if found is not None:
@@ -111,7 +196,7 @@ def checkpoint_to_resume(resume: str, run_dir: Path, runtime: Runtime) -> tuple[
     if not path.is_file():
         raise FileNotFoundError(f"rank {runtime.rank} cannot see {path}: output_dir must be on a "
                                 f"file system that every node shares")
-    return path, read_checkpoint(path)
+    return path, read_resumable(path)
 
 
 def capture_rng_state(device: torch.device) -> dict:
@@ -150,7 +235,13 @@ def restore_checkpoint(payload: dict, *, student: nn.Module, teacher: nn.Module,
     """Load networks, optimizer, scaler and center from a payload of ``build_checkpoint``."""
     load_dino_checkpoint(student, payload, part="student")
     load_dino_checkpoint(teacher, payload, part="teacher")
+    # load_state_dict replaces each group's keys with the saved ones: keep fastdino's own markers
+    # (which groups get weight decay), absent from a release checkpoint's groups.
+    markers = [{key: group[key] for key in ("apply_weight_decay",) if key in group}
+               for group in optimizer.param_groups]
     optimizer.load_state_dict(payload["optimizer"])
+    for group, marker in zip(optimizer.param_groups, markers):
+        group.update(marker)
     if scaler is not None and payload.get("fp16_scaler"):
         scaler.load_state_dict(payload["fp16_scaler"])
     with torch.no_grad():

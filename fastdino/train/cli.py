@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import dataclasses
 
@@ -38,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"presets:\n{presets_table()}\n\n{EXAMPLES}", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"starting config (default: {DEFAULT_PRESET})")
     for flag, key in flag_keys().items():
+        # a bare --resume (the habit of other trainers) means --resume auto
+        bare = dict(nargs="?", const="auto") if key == "resume" else {}
         parser.add_argument(flag, dest=key, metavar=key.upper(),
-                            help=TrainConfig.__dataclass_fields__[key].metadata["help"])
+                            help=TrainConfig.__dataclass_fields__[key].metadata["help"], **bare)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="any config field")
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
@@ -50,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # "--resume epochs=3": a bare --resume took the override after it as its value
+        args.overrides.insert(0, args.resume)
+        args.resume = "auto"
     if args.list_presets:
         print(presets_table())
         return 0

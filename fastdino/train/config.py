@@ -35,7 +35,7 @@ from fastdino.runtime import DEVICES, device_type, get_logger
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 OPTIMIZERS = ("adamw", "sgd")
-RESUME_MODES = ("auto", "never")
+RESUME_MODES = ("auto", "never", "restart")
 # key -> the environment variable that forces it for the whole process (and for fastdino.ops,
 # fastdino.models and fastdino.data outside training too)
 ENVIRONMENT_OVERRIDES = {"ops_backend": BACKEND_ENV_VAR, "attn_backend": ATTENTION_ENV_VAR,
@@ -69,8 +69,11 @@ class TrainConfig:
                                "empty: runs/<preset>", flag=True)
     seed: int = _doc(0, "seed of the initialization, data order, augmentations and drop path", flag=True)
     device: str = _choice("auto", DEVICES, "auto: this rank's GPU when there is one, else the CPU")
-    resume: str = _doc("auto", "auto: continue from the newest checkpoint in output_dir if any; "
-                               "never: refuse to run over checkpoints; or a checkpoint path", flag=True)
+    resume: str = _doc("auto", "auto (also a bare --resume): continue from the newest readable "
+                               "checkpoint in output_dir if any (a lone checkpoint.pth of the release "
+                               "too), refusing when none can be read; never: refuse to run over "
+                               "checkpoints; restart: start at step 0, the checkpoints moved to "
+                               "output_dir/replaced-<time>; or a checkpoint path", flag=True)
     max_steps: int = _doc(0, "stop (with a checkpoint) after this many optimizer steps in total; "
                              "0: run all epochs. Schedules still span all epochs")
     # -- networks --------------------------------------------------------------------------------

@@ -33,14 +33,15 @@ from .checkpointing import (
     LATEST_CHECKPOINT_NAME,
     build_checkpoint,
     capture_rng_state,
+    checkpoint_kind,
     checkpoint_path,
     checkpoint_to_resume,
-    list_checkpoints,
     point_latest_to,
     prune_checkpoints,
     remove_partial_files,
     restore_checkpoint,
     restore_rng_state,
+    resumable_files,
 )
 from .collapse import CollapseMonitor
 from .config import ConfigError, TrainConfig, apply_environment, resolve_backends, save_config_json
@@ -160,11 +161,11 @@ class Trainer:
     # -- set-up ------------------------------------------------------------------------------------
 
     def _prepare_run_dir(self) -> None:
-        existing = list_checkpoints(self.run_dir)
+        existing = resumable_files(self.run_dir)
         if self.config.resume == "never" and existing:
             raise ConfigError(f"resume='never' but {self.run_dir} holds {len(existing)} checkpoint(s) "
-                              f"(newest {existing[-1][1].name}): choose another --output-dir or "
-                              f"--resume auto")
+                              f"(newest {existing[0].name}): choose another --output-dir, --resume auto, "
+                              f"or --resume restart to start over with them moved aside")
         if self.runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_files(self.run_dir)
@@ -211,6 +212,8 @@ class Trainer:
         if found is None:
             return None
         path, payload = found
+        if checkpoint_kind(payload) == "release":
+            payload = self._as_fastdino_payload(path, payload)
         step = int(payload["step"])
         try:
             self.loader.load_state_dict(payload["data"])
@@ -244,6 +247,15 @@ class Trainer:
                            f"{self.runtime.world_size}: drop path draws will differ from the original run")
         logger.info(f"resumed from {path} at step {step} (epoch {payload['epoch']})")
         return path
+
+    def _as_fastdino_payload(self, path: Path, payload: dict) -> dict:
+        """A release checkpoint (written at the end of an epoch; its "epoch" is the next one) as
+        the payload fastdino resumes from: that epoch's first step, no config to compare, no RNG
+        states."""
+        epoch = int(payload["epoch"])
+        logger.info(f"{path} is a checkpoint of the public DINO release: resuming at the start of epoch {epoch}")
+        return {**payload, "step": epoch * self.steps_per_epoch, "data": {"epoch": epoch, "step": 0},
+                "config": {}, "rng": []}
 
     # -- the loop ----------------------------------------------------------------------------------
 
