@@ -26,6 +26,7 @@ from .tensor_lists import (
     get_table,
     group_by,
     interpreter_active,
+    on_device_of,
     chunk_bounds,
     tail_block,
     tensor_pointer,
@@ -143,39 +144,40 @@ def clip_grad_per_param_(grads, max_norm, eps: float = 1e-6) -> torch.Tensor:
                            if max_norm_tensor is not None else "cpu")
 
     norms = torch.empty(len(grads), dtype=torch.float32, device=device)
-    for dtype, idx in group_by([g.dtype for g in grads]).items():
-        table = get_table([[grads[i] for i in idx]], CHUNK, extra=idx)
-        partials = torch.empty(table.n_chunks, dtype=torch.float32, device=device)
-        coefs = torch.empty(table.n_tensors, dtype=torch.float32, device=device)
-        common = dict(
-            DTYPE=triton_dtype(dtype),
-            ALIGNED=table.aligned,
-            CHUNK=CHUNK,
-            BLOCK=BLOCK,
-            TAIL=TAIL,
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
-        )
-        _sumsq_kernel[(table.n_chunks,)](
-            table.addrs[0], table.numel, table.main, table.chunk_tensor, table.chunk_start,
-            partials, **common,
-        )
-        _norm_kernel[(table.n_tensors,)](
-            partials,
-            table.first_chunk,
-            table.extra,
-            norms,
-            coefs,
-            max_norm_tensor if max_norm_tensor is not None else partials,  # unused when a float
-            max_norm_value,
-            float(eps),
-            MAX_NORM_IS_PTR=max_norm_tensor is not None,
-            PBLOCK=PARTIAL_BLOCK,
-            num_warps=4,
-            enable_fp_fusion=False,
-        )
-        _scale_kernel[(table.n_chunks,)](
-            table.addrs[0], table.numel, table.main, table.chunk_tensor, table.chunk_start,
-            coefs, INTERPRET=interpreter_active(), **common,
-        )
+    with on_device_of(grads):
+        for dtype, idx in group_by([g.dtype for g in grads]).items():
+            table = get_table([[grads[i] for i in idx]], CHUNK, extra=idx)
+            partials = torch.empty(table.n_chunks, dtype=torch.float32, device=device)
+            coefs = torch.empty(table.n_tensors, dtype=torch.float32, device=device)
+            common = dict(
+                DTYPE=triton_dtype(dtype),
+                ALIGNED=table.aligned,
+                CHUNK=CHUNK,
+                BLOCK=BLOCK,
+                TAIL=TAIL,
+                num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
+            )
+            _sumsq_kernel[(table.n_chunks,)](
+                table.addrs[0], table.numel, table.main, table.chunk_tensor, table.chunk_start,
+                partials, **common,
+            )
+            _norm_kernel[(table.n_tensors,)](
+                partials,
+                table.first_chunk,
+                table.extra,
+                norms,
+                coefs,
+                max_norm_tensor if max_norm_tensor is not None else partials,  # unused when a float
+                max_norm_value,
+                float(eps),
+                MAX_NORM_IS_PTR=max_norm_tensor is not None,
+                PBLOCK=PARTIAL_BLOCK,
+                num_warps=4,
+                enable_fp_fusion=False,
+            )
+            _scale_kernel[(table.n_chunks,)](
+                table.addrs[0], table.numel, table.main, table.chunk_tensor, table.chunk_start,
+                coefs, INTERPRET=interpreter_active(), **common,
+            )
     return norms

@@ -24,6 +24,7 @@ from .tensor_lists import (
     get_table,
     group_by,
     interpreter_active,
+    on_device_of,
     chunk_bounds,
     tail_block,
     tensor_pointer,
@@ -107,28 +108,29 @@ def ema_update_(teacher_tensors, student_tensors, momentum) -> None:
                                          "teacher_tensors", (torch.float32, torch.float64))
 
     groups = group_by([(t.dtype, s.dtype) for t, s in zip(teachers, students)])
-    for (t_dtype, s_dtype), idx in groups.items():
-        tl_list = [teachers[i] for i in idx]
-        sl_list = [students[i] for i in idx]
-        table = get_table([tl_list, sl_list], CHUNK)
-        _ema_kernel[(table.n_chunks,)](
-            table.addrs[0],
-            table.addrs[1],
-            table.numel,
-            table.main,
-            table.chunk_tensor,
-            table.chunk_start,
-            mom_tensor if mom_tensor is not None else table.numel,  # unused when a float
-            mom_value,
-            1.0 - mom_value,  # in double: see the module doc
-            T_DTYPE=triton_dtype(t_dtype),
-            S_DTYPE=triton_dtype(s_dtype),
-            MOM_IS_PTR=mom_tensor is not None,
-            ALIGNED=table.aligned,
-            CHUNK=CHUNK,
-            BLOCK=BLOCK,
-            TAIL=TAIL,
-            INTERPRET=interpreter_active(),
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
-        )
+    with on_device_of(teachers):
+        for (t_dtype, s_dtype), idx in groups.items():
+            tl_list = [teachers[i] for i in idx]
+            sl_list = [students[i] for i in idx]
+            table = get_table([tl_list, sl_list], CHUNK)
+            _ema_kernel[(table.n_chunks,)](
+                table.addrs[0],
+                table.addrs[1],
+                table.numel,
+                table.main,
+                table.chunk_tensor,
+                table.chunk_start,
+                mom_tensor if mom_tensor is not None else table.numel,  # unused when a float
+                mom_value,
+                1.0 - mom_value,  # in double: see the module doc
+                T_DTYPE=triton_dtype(t_dtype),
+                S_DTYPE=triton_dtype(s_dtype),
+                MOM_IS_PTR=mom_tensor is not None,
+                ALIGNED=table.aligned,
+                CHUNK=CHUNK,
+                BLOCK=BLOCK,
+                TAIL=TAIL,
+                INTERPRET=interpreter_active(),
+                num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
+            )

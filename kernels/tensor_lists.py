@@ -31,6 +31,7 @@ hit nothing is copied and nothing synchronizes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import numbers
 import threading
 from dataclasses import dataclass
@@ -57,6 +58,15 @@ def interpreter_active() -> bool:
     answer comes from what ``triton.jit`` produced, not from the current environment.
     """
     return not isinstance(cast_rne, triton.runtime.jit.JITFunction)
+
+
+def on_device_of(tensors: Sequence[torch.Tensor]):
+    """Context for launches on the device of ``tensors`` (all on one device). Triton launches on
+    the current CUDA device and its stream, which need not hold the tensors (cuda:1 without
+    ``set_device``)."""
+    if tensors and tensors[0].device.type == "cuda":
+        return torch.cuda.device(tensors[0].device)
+    return contextlib.nullcontext()
 
 
 def check_device(tensor: torch.Tensor, name: str) -> None:
