@@ -15,9 +15,11 @@
 //     block max m_b, then one pass computing e = exp(x - m_b) (the only exp of the element), the
 //     block sums of e, of Q (m_b - x) and of Q. The blocks are combined with the
 //     row max M at the end (factor exp(m_b - M) per block), so there is no second exp pass.
-//     e is stored in grad itself for float32 (in place: each element is read before it is
-//     overwritten), else in a float scratch row; a last pass over the (L2-resident) row writes
+//     e is stored in grad itself for a float32 grad (in place: each element is read before it
+//     is overwritten), else in a float scratch row; a last pass over the (L2-resident) row writes
 //     grad = e * a_b - Q / (tau_s N) with a_b = n_t exp(m_b - M) / (S tau_s N).
+//   * grad has the student's dtype or float32 (TG below): the op asks for float32 with float16
+//     logits, whose gradient would underflow float16 before the loss scale reaches it.
 //   * the tasks run with denormals flushed to zero (ScopedFlushDenormals): softmax makes many
 //     values below FLT_MIN, and x86 microcode assists on them cost ~15% of the run time.
 //   * determinism: sums in `omp simd` loops have an order fixed by the code and the vector width
@@ -97,9 +99,10 @@ FASTDINO_MULTIVERSION void teacher_softmax_row(const storage_t<T>* t, const floa
 }
 
 // One student row: writes its gradient into g and returns its loss L (see the top of the file).
-// e is float scratch of K elements; for float32 the caller passes g itself (e may alias g and s).
-template <class T>
-FASTDINO_MULTIVERSION double student_row(const storage_t<T>* s, storage_t<T>* g, float* e,
+// e is float scratch of K elements; for a float32 g the caller passes g itself (e may alias g,
+// and s too when the student is float32).
+template <class T, class TG>
+FASTDINO_MULTIVERSION double student_row(const storage_t<T>* s, storage_t<TG>* g, float* e,
                                          const float* q, int64_t K, float inv_tau, float n_t,
                                          float grad_scale, BlockStat* stats) {
   const int64_t nb = num_blocks(K);
@@ -140,7 +143,7 @@ FASTDINO_MULTIVERSION double student_row(const storage_t<T>* s, storage_t<T>* g,
     const int64_t k1 = std::min(K, k0 + kBlock);
     const float a = static_cast<float>(n_t * stats[blk].factor / total * grad_scale);
 #pragma omp simd
-    for (int64_t k = k0; k < k1; ++k) g[k] = Elem<T>::store(e[k] * a - q[k] * grad_scale);
+    for (int64_t k = k0; k < k1; ++k) g[k] = Elem<TG>::store(e[k] * a - q[k] * grad_scale);
   }
   return n_t * std::log(total) + dist;
 }
@@ -162,13 +165,13 @@ struct Problem {
 };
 
 // Processes samples [b0, b1): all their teacher and student rows. Writes the loss of student row
-// r to row_loss[r] and adds the teacher rows into tsum.
-template <class TS, class TT>
-void process_samples(const Problem& pb, const storage_t<TS>* student, storage_t<TS>* grad,
+// r to row_loss[r] and adds the teacher rows into tsum. TG: the gradient's element type.
+template <class TS, class TT, class TG>
+void process_samples(const Problem& pb, const storage_t<TS>* student, storage_t<TG>* grad,
                      const storage_t<TT>* teacher, const float* center, float* tsum,
                      double* row_loss, int64_t b0, int64_t b1) {
   const int64_t K = pb.K, B = pb.B, G = pb.G;
-  constexpr bool kGradIsFloat = std::is_same_v<TS, float>;
+  constexpr bool kGradIsFloat = std::is_same_v<TG, float>;
   // Scratch rows: P_0..P_{G-1}, then all = sum_i P_i (G >= 2), others = sum_{i != v} P_i
   // (G >= 3), exp row (non-float32 grad).
   const int64_t n_rows = G + (G >= 2) + (G >= 3) + (kGradIsFloat ? 0 : 1);
@@ -191,13 +194,13 @@ void process_samples(const Problem& pb, const storage_t<TS>* student, storage_t<
     for (int64_t v = 0; v < pb.ncrops; ++v) {
       const int64_t row = v * B + b;
       const storage_t<TS>* s_row = student + row * K;
-      storage_t<TS>* g_row = grad + row * K;
+      storage_t<TG>* g_row = grad + row * K;
       const float* q;
       if (v >= G) {
         q = all;
       } else if (G == 1) {
         // The only global crop has no teacher crop to pair with: no loss, zero gradient.
-        std::fill(g_row, g_row + K, Elem<TS>::store(0.0f));
+        std::fill(g_row, g_row + K, Elem<TG>::store(0.0f));
         row_loss[row] = 0.0;
         continue;
       } else if (G == 2) {
@@ -218,8 +221,8 @@ void process_samples(const Problem& pb, const storage_t<TS>* student, storage_t<
         e = exp_row;
       }
       const float n_t = static_cast<float>(v < G ? G - 1 : G);
-      row_loss[row] = student_row<TS>(s_row, g_row, e, q, K, pb.inv_tau_s, n_t, pb.grad_scale,
-                                      stats.get());
+      row_loss[row] = student_row<TS, TG>(s_row, g_row, e, q, K, pb.inv_tau_s, n_t,
+                                          pb.grad_scale, stats.get());
     }
   }
 }
@@ -253,9 +256,10 @@ std::tuple<at::Tensor, at::Tensor> dino_loss_forward(const at::Tensor& student,
               " elements but student has K = ", K);
   TORCH_CHECK(grad.sizes() == student.sizes(), "fastdino: grad must have the shape of student ",
               student.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == student.scalar_type(),
-              "fastdino: grad must have the dtype of student (", student.scalar_type(), "), got ",
-              grad.scalar_type());
+  const bool grad_is_float = grad.scalar_type() == at::kFloat;
+  TORCH_CHECK(grad.scalar_type() == student.scalar_type() || grad_is_float,
+              "fastdino: grad must have the dtype of student (", student.scalar_type(),
+              ") or float32, got ", grad.scalar_type());
   TORCH_CHECK(student_temp > 0, "fastdino: student_temp must be > 0, got ", student_temp);
   TORCH_CHECK(teacher_temp > 0, "fastdino: teacher_temp must be > 0, got ", teacher_temp);
   const int64_t G = n_global_crops;
@@ -273,7 +277,8 @@ std::tuple<at::Tensor, at::Tensor> dino_loss_forward(const at::Tensor& student,
   TORCH_CHECK(ncrops >= 2, "fastdino: student needs at least 2 crops per sample, got ", ncrops,
               " (with one crop there is no teacher/student pair)");
   const auto grad_vs_student = at::get_overlap_status(grad, student);
-  TORCH_CHECK(grad_vs_student == at::MemOverlapStatus::Full ||
+  TORCH_CHECK((grad_vs_student == at::MemOverlapStatus::Full &&
+               grad.scalar_type() == student.scalar_type()) ||
                   grad_vs_student == at::MemOverlapStatus::No,
               "fastdino: grad must be either student itself (in place) or not overlap it");
   TORCH_CHECK(at::get_overlap_status(grad, teacher) == at::MemOverlapStatus::No,
@@ -303,18 +308,26 @@ std::tuple<at::Tensor, at::Tensor> dino_loss_forward(const at::Tensor& student,
     dispatch_float_type(teacher.scalar_type(), [&](auto t_tag) {
       using TT = typename decltype(t_tag)::type;
       const auto* s = reinterpret_cast<const storage_t<TS>*>(student.data_ptr());
-      auto* g = reinterpret_cast<storage_t<TS>*>(grad.data_ptr());
       const auto* t = reinterpret_cast<const storage_t<TT>*>(teacher.data_ptr());
       const float* c = center.data_ptr<float>();
-      at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-        const ScopedFlushDenormals flush_denormals;
-        for (int64_t task = t0; task < t1; ++task) {
-          float* tsum = task == 0 ? teacher_sum.data_ptr<float>()
-                                  : partial.data_ptr<float>() + (task - 1) * K;
-          process_samples<TS, TT>(pb, s, g, t, c, tsum, row_loss.data(), task * B / ntasks,
-                                  (task + 1) * B / ntasks);
-        }
-      });
+      auto run = [&](auto g_tag) {
+        using TG = typename decltype(g_tag)::type;
+        auto* g = reinterpret_cast<storage_t<TG>*>(grad.data_ptr());
+        at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+          const ScopedFlushDenormals flush_denormals;
+          for (int64_t task = t0; task < t1; ++task) {
+            float* tsum = task == 0 ? teacher_sum.data_ptr<float>()
+                                    : partial.data_ptr<float>() + (task - 1) * K;
+            process_samples<TS, TT, TG>(pb, s, g, t, c, tsum, row_loss.data(),
+                                        task * B / ntasks, (task + 1) * B / ntasks);
+          }
+        });
+      };
+      if (grad_is_float) {
+        run(TypeTag<float>{});
+      } else {
+        run(TypeTag<TS>{});
+      }
     });
   });
 

@@ -27,8 +27,9 @@ Kernels (everything accumulated in float32, whatever the input dtypes):
     sum-exp2 of x2 (one block reduction per step, ONE exp2 per element) and the per-lane
     accumulated dot Q.x2, with Q = sum_i exp2(z2_i - lse2_i) recomputed from the teacher tile
     [NT_P2, BLOCK_S]. Row loss -> loss_rows[row]. Loop 2: re-read s, recompute Q, write
-    grad = (NT exp2(x2 - lse2) - Q) * 1 / (tau_s B n_pairs) in grad's dtype. Each block of the
-    row is read before the same block is written, so grad may alias student.
+    grad = (NT exp2(x2 - lse2) - Q) * 1 / (tau_s B n_pairs) in grad's dtype (the student's, or
+    float32: the op's choice for float16 students). Each block of the row is read before the same
+    block is written, so grad may alias student.
     NT = n_t(v) is a constexpr: global crops (v < G, NT = G - 1) and local crops (v >= G,
     NT = G) are two launches of the same kernel. NT == 0 (G == 1, v == 0): zero grad and loss.
 
@@ -256,8 +257,10 @@ def dino_loss_forward(student, teacher, center, grad, n_global_crops, student_te
         raise ValueError(f"center must have shape ({K},), got {tuple(center.shape)}")
     if tuple(grad.shape) != (R_s, K):
         raise ValueError(f"grad must have the student's shape {(R_s, K)}, got {tuple(grad.shape)}")
-    if grad.dtype != student.dtype:
-        raise ValueError(f"grad must have the student's dtype {student.dtype}, got {grad.dtype}")
+    if grad.dtype not in (student.dtype, torch.float32):
+        raise ValueError(
+            f"grad must have the student's dtype {student.dtype} or float32, got {grad.dtype}"
+        )
     for name, x in (("teacher", teacher), ("center", center), ("grad", grad)):
         if x.device != student.device:
             raise ValueError(f"{name} is on {x.device} but student is on {student.device}")
