@@ -58,16 +58,32 @@ def dino_loss_reference(
 
 
 class _FusedDINOLoss(torch.autograd.Function):
-    """Loss and student gradient from one kernel call; the backward only scales the gradient."""
+    """Loss and student gradient from one kernel call; the backward only scales the gradient.
+
+    float16 logits get a float32 gradient buffer. The gradient of a DINO row, (n_t softmax - Q)
+    / (tau_s B n_pairs), is ~1e-6 per entry at K = 65536 and B = 64, and many entries fall below
+    float16's subnormal range (6e-8): stored in float16 they are lost before the backward sees
+    the GradScaler's scale (2^16 and up), and that scale itself is inf in float16. The release
+    (fp16 autocast: softmax in float32) forms the scaled gradient in float32 and rounds it once;
+    so does this backward. bfloat16 has float32's exponent range, so its gradient keeps the
+    logits' dtype (half the memory); the GradScaler's powers of two scale it exactly.
+    """
 
     @staticmethod
     def forward(ctx, student, teacher, center, n_global_crops, student_temp, teacher_temp,
                 kernels, overwrite_student_logits):
-        grad = student if overwrite_student_logits else torch.empty_like(student)
+        keep_float32 = student.dtype == torch.float16
+        if keep_float32:
+            grad = torch.empty_like(student, dtype=torch.float32)
+        else:
+            grad = student if overwrite_student_logits else torch.empty_like(student)
         loss, teacher_sum = kernels.dino_loss_forward(
             student, teacher, center, grad, n_global_crops, student_temp, teacher_temp
         )
         ctx.student_grad = grad
+        ctx.student_dtype = student.dtype
+        # float16 + overwrite: the backward writes the float16 gradient into the logits' storage.
+        ctx.grad_storage = student.detach() if keep_float32 and overwrite_student_logits else None
         ctx.mark_non_differentiable(teacher_sum)
         return loss, teacher_sum
 
@@ -82,8 +98,14 @@ class _FusedDINOLoss(torch.autograd.Function):
             )
         ctx.student_grad = None  # free the (rows x K) buffer as soon as autograd has it
         # Reading a CPU scalar is free; on CUDA we scale unconditionally to avoid a host sync.
+        # grad_loss stays a float32 tensor: a GradScaler's 2^16 is inf in float16.
         if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
-            grad.mul_(grad_loss.to(grad.dtype))
+            grad.mul_(grad_loss)
+        if grad.dtype != ctx.student_dtype:  # float16 logits: round the scaled gradient once
+            storage, ctx.grad_storage = ctx.grad_storage, None
+            if storage is None:
+                storage = torch.empty(grad.shape, dtype=ctx.student_dtype, device=grad.device)
+            grad = storage.copy_(grad)
         return grad, None, None, None, None, None, None, None
 
 
@@ -171,7 +193,11 @@ def dino_loss(
             Liger-Kernel does: saves the allocation and its page faults. After the call
             ``student_logits`` holds the gradient, not the logits, so use it only when nothing
             else reads them afterwards (the DINO head's last linear layer does not keep its
-            output for backward). Needs a contiguous ``student_logits``.
+            output for backward). Needs a contiguous ``student_logits``. float16 logits keep
+            their gradient in a float32 buffer until the backward has scaled it (float16
+            cannot hold it unscaled); the flag then makes the backward write the rounded
+            float16 gradient into ``student_logits`` instead of a new tensor, so the logits
+            are intact until the backward.
         check_finite: raise FloatingPointError naming the rows with NaN/inf when the result is
             not finite. Default: on for CPU tensors (free), off on CUDA (it would sync the host).
 
