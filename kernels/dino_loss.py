@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tensor_lists import cast_rne, check_float_tensor, interpreter_active
+from .tensor_lists import cast_rne, check_float_tensor, interpreter_active, on_device_of
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -285,38 +285,39 @@ def dino_loss_forward(student, teacher, center, grad, n_global_crops, student_te
     if device.type == "cuda" and device.index is None:  # pragma: no cover
         n_sms = _num_sms(torch.cuda.current_device())
 
-    # (a) teacher pass
-    block_t, nb, rows_t, nrg, rows_per_group, warps_t = _teacher_config(R_t, K, n_sms)
-    m_part = torch.empty((R_t, nb), dtype=torch.float32, device=device)
-    s_part = torch.empty((R_t, nb), dtype=torch.float32, device=device)
-    if nrg == 1:
-        tsum_out = torch.empty(K, dtype=torch.float32, device=device)
-    else:
-        tsum_out = torch.empty((nrg, K), dtype=torch.float32, device=device)
-    t_scale = LOG2E / tau_t
-    _teacher_kernel[(nb, nrg)](
-        teacher, center, m_part, s_part, tsum_out,
-        R_t, K, nb, rows_per_group, t_scale,
-        ROWS=rows_t, BLOCK=block_t,
-        num_warps=warps_t, enable_fp_fusion=True,
-    )
-    teacher_sum = tsum_out if nrg == 1 else tsum_out.sum(dim=0)
-
-    # (b) student pass: global crops (NT = G - 1), then local crops (NT = G)
-    loss_rows = torch.empty(R_s, dtype=torch.float32, device=device)
-    block_s, warps_s = _student_config(K)
-    s_scale = LOG2E / tau_s
-    g_scale = 1.0 / (tau_s * B * n_pairs)
-    for v0, nv, nt in ((0, G, G - 1), (G, ncrops - G, G)):
-        if nv == 0:
-            continue
-        _student_kernel[(B * nv,)](
-            student, teacher, center, grad, m_part, s_part, loss_rows,
-            K, B, nb, v0, nv, s_scale, t_scale, g_scale,
-            NT=nt, NT_P2=_next_pow2(max(nt, 1)), NB_P2=_next_pow2(nb), BLOCK=block_s,
-            INTERPRET=interpreter_active(),
-            NUM_STAGES=STUDENT_NUM_STAGES,
-            num_warps=warps_s, enable_fp_fusion=True,
+    with on_device_of([student]):  # the launches run on the tensors' device, not the current one
+        # (a) teacher pass
+        block_t, nb, rows_t, nrg, rows_per_group, warps_t = _teacher_config(R_t, K, n_sms)
+        m_part = torch.empty((R_t, nb), dtype=torch.float32, device=device)
+        s_part = torch.empty((R_t, nb), dtype=torch.float32, device=device)
+        if nrg == 1:
+            tsum_out = torch.empty(K, dtype=torch.float32, device=device)
+        else:
+            tsum_out = torch.empty((nrg, K), dtype=torch.float32, device=device)
+        t_scale = LOG2E / tau_t
+        _teacher_kernel[(nb, nrg)](
+            teacher, center, m_part, s_part, tsum_out,
+            R_t, K, nb, rows_per_group, t_scale,
+            ROWS=rows_t, BLOCK=block_t,
+            num_warps=warps_t, enable_fp_fusion=True,
         )
+        teacher_sum = tsum_out if nrg == 1 else tsum_out.sum(dim=0)
+
+        # (b) student pass: global crops (NT = G - 1), then local crops (NT = G)
+        loss_rows = torch.empty(R_s, dtype=torch.float32, device=device)
+        block_s, warps_s = _student_config(K)
+        s_scale = LOG2E / tau_s
+        g_scale = 1.0 / (tau_s * B * n_pairs)
+        for v0, nv, nt in ((0, G, G - 1), (G, ncrops - G, G)):
+            if nv == 0:
+                continue
+            _student_kernel[(B * nv,)](
+                student, teacher, center, grad, m_part, s_part, loss_rows,
+                K, B, nb, v0, nv, s_scale, t_scale, g_scale,
+                NT=nt, NT_P2=_next_pow2(max(nt, 1)), NB_P2=_next_pow2(nb), BLOCK=block_s,
+                INTERPRET=interpreter_active(),
+                NUM_STAGES=STUDENT_NUM_STAGES,
+                num_warps=warps_s, enable_fp_fusion=True,
+            )
     loss = loss_rows.sum() / float(B * n_pairs)
     return loss, teacher_sum
