@@ -160,6 +160,68 @@ def test_a_killed_run_resumes_and_reproduces_the_uninterrupted_losses_exactly(tm
     assert not list(killed_dir.glob(".*partial*"))
 
 
+def wait_for_logged_step(run_dir, step, processes):
+    while all(process.poll() is None for process in processes):
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and max(read_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError("a run ended before it could be signalled:\n" + "".join(
+        process.log_path.read_text()[-2000:] for process in processes))
+
+
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint_and_the_rerun_continues_it(
+        tmp_path, image_folder, signal_number, exit_code):
+    # Checkpoints at epoch ends only (steps 8 and 16): the one a stop writes is its own.
+    overrides = {**RUN_OVERRIDES, "epochs": 2, "checkpoint_every_steps": 0}
+    uninterrupted = start_cli(tmp_path / "uninterrupted", image_folder, overrides)
+    run_dir = tmp_path / "signalled"
+    process = start_cli(run_dir, image_folder, overrides)
+    wait_for_logged_step(run_dir, 3, [process])
+    process.send_signal(signal_number)
+    process.wait(timeout=300)
+    output = process.log_path.read_text()
+    assert process.returncode == exit_code, output[-3000:]
+    assert "Traceback" not in output
+    stopped_at = max(read_losses(run_dir))
+    assert f"stopped by {signal.Signals(signal_number).name} after step {stopped_at} of 16" in output
+    assert [step for step, _ in list_checkpoints(run_dir)][-1] == stopped_at < 16
+
+    finish(start_cli(run_dir, image_folder, overrides, log_name="rerun"))
+    finish(uninterrupted)
+    assert read_losses(run_dir) == read_losses(tmp_path / "uninterrupted")  # bit-identical, step by step
+
+
+def start_ranks(run_dir, data_dir, overrides, port, world_size=2, log_name=None):
+    """One process per rank with the variables torchrun (or srun and a launch script) sets."""
+    return [start_cli(run_dir, data_dir, overrides, log_name=f"{log_name or run_dir.name}-rank{rank}",
+                      extra_environment=dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                                             LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                                             MASTER_PORT=str(port)))
+            for rank in range(world_size)]
+
+
+def test_two_ranks_stop_after_the_same_step_when_one_of_them_is_signalled(tmp_path, image_folder):
+    overrides = {**RUN_OVERRIDES, "epochs": 2, "checkpoint_every_steps": 0}  # 4 steps per epoch
+    uninterrupted = start_ranks(tmp_path / "uninterrupted", image_folder, overrides, free_port())
+    run_dir = tmp_path / "signalled"
+    ranks = start_ranks(run_dir, image_folder, overrides, free_port())
+    wait_for_logged_step(run_dir, 2, ranks)
+    ranks[1].send_signal(signal.SIGUSR1)  # rank 0 is told by rank 1, through the flag all-reduce
+    for process in ranks:
+        process.wait(timeout=300)
+    output = "".join(process.log_path.read_text() for process in ranks)
+    assert [process.returncode for process in ranks] == [75, 75], output[-3000:]
+    stopped_at = [step for step, _ in list_checkpoints(run_dir)][-1]
+    assert f"stopped by SIGUSR1 after step {stopped_at} of 8" in output and stopped_at < 8
+    assert len(read_checkpoint(run_dir / f"checkpoint-step{stopped_at:09d}.pth")["rng"]) == 2
+
+    finish(*start_ranks(run_dir, image_folder, overrides, free_port(), log_name="rerun"))
+    finish(*uninterrupted)
+    assert read_losses(run_dir) == read_losses(tmp_path / "uninterrupted")
+
+
 def test_torchrun_rendezvous_of_two_nodes_with_one_process_each(tmp_path, image_folder):
     overrides = {**RUN_OVERRIDES, "epochs": 1}
     endpoint = f"127.0.0.1:{free_port()}"

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
-
-import dataclasses
 
 from fastdino.runtime import get_logger, process_rank
 
 from .config import ConfigError, TrainConfig, config_fields_help, parse_overrides, presets_table, resolve_config
+from .preemption import INTERRUPTED_EXIT_CODE, exit_code_for
 
 DEFAULT_PRESET = "tiny"  # with no arguments: the one-minute CPU run on synthetic images
 logger = get_logger("train")
@@ -83,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import NonFiniteLossError, train
 
     try:
-        train(config)
+        result = train(config)
     except (ConfigError, ImageFolderError, NonFiniteLossError) as error:
         if process_rank() == 0:  # every rank stops with the same error: say it once
             logger.error(error)
         return 1 if isinstance(error, NonFiniteLossError) else 2
-    return 0
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
+        logger.error("interrupted; rerun the same command to continue from the newest checkpoint")
+        return INTERRUPTED_EXIT_CODE
+    return exit_code_for(result.stopped_by) if result.stopped_by else 0

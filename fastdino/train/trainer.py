@@ -46,6 +46,7 @@ from .checkpointing import (
 from .collapse import CollapseMonitor
 from .config import ConfigError, TrainConfig, apply_environment, resolve_backends, save_config_json
 from .networks import build_optimizer, build_student_and_teacher, compile_backbone
+from .preemption import StopSignals
 from .progress import METRICS_FILE_NAME, TrainingProgress
 from .schedules import build_schedules, global_batch_size
 from .step import DINOStep, StepResult
@@ -68,6 +69,7 @@ class TrainResult:
     student: nn.Module
     teacher: nn.Module
     center: torch.Tensor
+    stopped_by: str | None = None  # the signal that stopped the run early (checkpoint written)
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -151,6 +153,7 @@ class Trainer:
         self.last_collapse_mode: str | None = None
         self.last_good_checkpoint = self._resume()
         self.start_step = self.loader.steps_done
+        self.stop_signals = StopSignals(runtime)
         logger.info(f"{config.preset}: {config.arch}, {runtime.world_size} rank(s) on {self.device}, "
                     f"global batch {self.global_batch}, {self.steps_per_epoch} steps/epoch, steps "
                     f"{self.start_step} -> {self.stop_step} of {total_steps}, output {self.run_dir}; "
@@ -268,9 +271,10 @@ class Trainer:
         progress = TrainingProgress(self.stop_step, self.start_step, self.run_dir, enabled=self.runtime.is_main,
                                     tensorboard=config.tensorboard, resumed_from=self.last_good_checkpoint)
         window = _MetricsWindow(self.device)
-        last_metrics = None
+        last_metrics, stopped_by = None, None
         self.student.train()
         self.teacher.train()  # as the release: batch statistics in a convnet teacher
+        self.stop_signals.install()
         try:
             for step, micro_batches in self._steps(window):
                 done, epoch = step + 1, step // self.steps_per_epoch
@@ -282,11 +286,23 @@ class Trainer:
                 if log_now:
                     last_metrics = self._log(done, result, window, progress)
                 run_or_epoch_ends = done == self.stop_step or done % self.steps_per_epoch == 0
-                if run_or_epoch_ends or (config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0):
+                checkpoint_now = run_or_epoch_ends or (config.checkpoint_every_steps and
+                                                       done % config.checkpoint_every_steps == 0)
+                if checkpoint_now:
                     self._save_checkpoint(done, window)
                 if run_or_epoch_ends:
                     self._export_backbone()
+                stopped_by = self.stop_signals.stop_now() if done < self.stop_step else None
+                if stopped_by:
+                    if not checkpoint_now:
+                        self._save_checkpoint(done, window)
+                    logger.info(f"stopped by {stopped_by} after step {done} of {self.stop_step}: checkpoint "
+                                f"{self.last_good_checkpoint}; run the same command again to continue")
+                    return TrainResult(self.run_dir, done, last_metrics, self.student, self.teacher,
+                                       self.center, stopped_by)
         finally:
+            self.stop_signals.drain()
+            self.stop_signals.uninstall()
             progress.close()
         logger.info(f"done: {self.stop_step} steps. Checkpoint {self.run_dir / LATEST_CHECKPOINT_NAME}, "
                     f"teacher backbone {self.run_dir / BACKBONE_EXPORT_NAME}, metrics "
