@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import functools
 import logging
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -161,12 +163,49 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def partial_path(path: Path) -> Path:
-    """The hidden temporary name this process writes ``path`` under before renaming it."""
-    return path.with_name(f".{path.name}{PARTIAL_MARKER}{os.getpid()}")
+    """The temporary name this process writes ``path`` under before renaming it: visible (not a
+    dot file), so that the space a write killed by SIGKILL leaves behind is seen; the next
+    start removes it."""
+    return path.with_name(f"{path.name}{PARTIAL_MARKER}{os.getpid()}")
+
+
+class DiskFullError(OSError):
+    """A write ran out of space (errno ENOSPC); the message names the file, its size and the
+    free space."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def payload_nbytes(payload) -> int:
+    """The bytes of the tensors in a (nested) payload: about the size of its torch.save file."""
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    if isinstance(payload, dict):
+        return sum(payload_nbytes(value) for value in payload.values())
+    if isinstance(payload, (list, tuple)):
+        return sum(payload_nbytes(value) for value in payload)
+    return 0
+
+
+def _out_of_space(error: BaseException, directory: Path, needed: int) -> bool:
+    # torch's zip writer loses the errno ("[enforce fail at inline_container.cc] unexpected
+    # pos"): fall back to asking the file system whether the payload could have fit.
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(directory).free < needed
+    except OSError:
+        return False
 
 
 def atomic_save(payload, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename it to ``path``."""
+    """torch.save to a temporary file beside ``path``, fsync, then rename it to ``path``.
+
+    Interrupted at any moment, it leaves ``path`` as it was; a full disk raises DiskFullError.
+    """
     path = Path(path)
     temporary = partial_path(path)
     try:
@@ -175,8 +214,16 @@ def atomic_save(payload, path: str | os.PathLike) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        needed = payload_nbytes(payload)
+        if _out_of_space(error, path.parent, needed):
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFullError(
+                errno.ENOSPC, f"the disk holding {path.parent} is full: writing {path.name} "
+                f"({needed / 2**20:.1f} MiB) failed with {free / 2**20:.1f} MiB free; what was "
+                f"there before is intact. Free some space (or keep fewer checkpoints: "
+                f"keep_last_checkpoints) and rerun", str(path)) from error
         raise
     _fsync_directory(path.parent)
 

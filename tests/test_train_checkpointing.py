@@ -1,7 +1,9 @@
 """Checkpoint files: atomic writes that survive interruption, keep-last-K, falling back from a
 corrupt newest file, RNG states, and a payload the release's tools and timm read."""
 
+import errno
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -49,15 +51,15 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint_usable(tmp_path, mo
     monkeypatch.undo()
 
     assert [step for step, _ in list_checkpoints(tmp_path)] == [10]
-    assert not list(tmp_path.glob(".*partial*")), "the temporary file was left behind"
+    assert not list(tmp_path.glob("*.partial-*")), "the temporary file was left behind"
     path, payload = newest_resumable_checkpoint(tmp_path)
     assert payload["step"] == 10 and path == checkpoint_path(tmp_path, 10)
     assert read_checkpoint(tmp_path / LATEST_CHECKPOINT_NAME)["step"] == 10
 
 
-def test_a_killed_process_leaves_only_a_hidden_partial_file_that_resume_ignores(tmp_path):
+def test_a_killed_process_leaves_only_a_visible_partial_file_that_resume_ignores(tmp_path):
     write_steps(tmp_path, [10])
-    partial = tmp_path / f".{checkpoint_path(tmp_path, 20).name}.partial-12345"
+    partial = tmp_path / f"{checkpoint_path(tmp_path, 20).name}.partial-12345"
     partial.write_bytes(b"truncated")  # SIGKILL mid-write: no cleanup ran
     assert newest_resumable_checkpoint(tmp_path)[1]["step"] == 10
     remove_partial_files(tmp_path)
@@ -71,6 +73,33 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     _, payload = newest_resumable_checkpoint(tmp_path)
     assert payload["step"] == 10
     assert f"cannot resume from {newest}: " in capsys.readouterr().err
+
+
+def test_a_full_disk_says_so_naming_the_file_and_sizes_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    write_steps(tmp_path, [10])
+
+    def torch_save_on_a_full_disk(payload, handle):
+        handle.write(b"PK\x03\x04")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(runtime.torch, "save", torch_save_on_a_full_disk)
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: SimpleNamespace(free=3 * 2**20))
+    payload = {"weights": torch.zeros(2**21)}  # 8 MiB
+    with pytest.raises(runtime.DiskFullError) as error:
+        atomic_save(payload, checkpoint_path(tmp_path, 20))
+    message = str(error.value)
+    assert error.value.errno == errno.ENOSPC
+    assert f"the disk holding {tmp_path} is full: writing {checkpoint_path(tmp_path, 20).name} (8.0 MiB)" in message
+    assert "3.0 MiB free" in message
+    monkeypatch.undo()
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [10] and not list(tmp_path.glob("*.partial-*"))
+    assert read_checkpoint(tmp_path / LATEST_CHECKPOINT_NAME)["step"] == 10
+
+    # Another failure with room to spare is not called a full disk.
+    monkeypatch.setattr(runtime.torch, "save", torch_save_on_a_full_disk)
+    with pytest.raises(RuntimeError, match="unexpected pos") as error:
+        atomic_save(payload, checkpoint_path(tmp_path, 20))
+    assert not isinstance(error.value, runtime.DiskFullError)
 
 
 def test_only_the_last_k_checkpoints_are_kept_and_latest_points_to_the_newest(tmp_path):

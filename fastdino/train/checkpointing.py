@@ -2,8 +2,8 @@
 
 Files in the run directory:
 
-- ``checkpoint-step<N>.pth``: the state after N optimizer steps, written to a hidden temporary
-  file, flushed to disk, then renamed over the final name (a rename is atomic), so a write
+- ``checkpoint-step<N>.pth``: the state after N optimizer steps, written to a temporary file
+  (``<name>.partial-<pid>``), flushed to disk, then renamed over the final name (a rename is atomic), so a write
   interrupted at any moment leaves the previous checkpoints untouched;
 - ``checkpoint.pth``: the newest of them (a hard link, or a copy where links are not
   supported), the name the release's evaluation scripts expect;
@@ -78,7 +78,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 
 def remove_partial_files(run_dir: Path) -> None:
     """Delete temporary files of writes that were interrupted (a killed run leaves them)."""
-    for entry in Path(run_dir).glob(f".*{PARTIAL_MARKER}*"):
+    for entry in Path(run_dir).glob(f"*{PARTIAL_MARKER}*"):
         entry.unlink(missing_ok=True)
 
 
