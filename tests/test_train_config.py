@@ -64,11 +64,18 @@ def test_keyword_fields_win_over_overrides_and_presets():
     ("warmup_epochs=500", "warmup_epochs"),
     ("data=/no/such/folder", "data"),
     ("resume=/no/such/checkpoint.pth", "resume"),
+    ("local_crop_size=8", "local_crop_size=8: smaller than one 16 x 16 patch"),  # tiny is a ViT/16
+    ("global_crop_size=12", "global_crop_size=12: smaller than one 16 x 16 patch"),
     ("no_such_key=1", "no_such_key"),
 ])
 def test_bad_values_and_unknown_keys_raise_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         resolve_config("tiny", [override])
+
+
+def test_a_local_crop_size_is_not_checked_without_local_crops():
+    assert resolve_config("tiny", ["local_crop_size=8", "n_local_crops=0"]).patch_size == 16
+    assert resolve_config("tiny", ["arch=resnet50", "global_crop_size=8"]).patch_size is None
 
 
 def test_malformed_override_and_unknown_preset():

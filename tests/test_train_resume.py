@@ -1,5 +1,6 @@
-"""What a run does with the checkpoints it finds: it never overwrites one it did not write, never
-starts over silently, and says in one line why a file cannot be resumed from."""
+"""What a run does with what it finds: it never overwrites a checkpoint it did not write, never
+starts over silently, and says in one line why a file cannot be resumed from, or why the data
+cannot fill a batch, before it builds anything else."""
 
 import json
 
@@ -99,3 +100,11 @@ def test_resume_from_a_corrupt_file_is_one_line_naming_it(tmp_path, image_folder
     assert code == 2
     assert f"error: cannot resume from {corrupt}: not a file of tensors" in said[-1]
     assert "Traceback" not in "\n".join(said) and "weights_only" not in said[-1]
+
+
+def test_a_batch_larger_than_the_data_is_one_line_naming_the_keys(tmp_path, image_folder, capsys):
+    code = main(["--preset", "tiny", "--output-dir", str(tmp_path), "--data", str(image_folder)]
+                + [f"{key}={value}" for key, value in {**OVERRIDES, "batch_size_per_gpu": 40}.items()])
+    said = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and said[-1].startswith("fastdino.train: error: batch_size_per_gpu=40, grad_accumulation_steps=1")
+    assert "32 images" in said[-1] and "Traceback" not in "\n".join(said)

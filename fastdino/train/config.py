@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -153,6 +154,11 @@ class TrainConfig:
         for key in ("student_temp", "warmup_teacher_temp", "teacher_temp", "lr"):
             if not getattr(self, key) > 0:
                 fail(key, "must be > 0")
+        if self.patch_size:
+            crops = ("global_crop_size", "local_crop_size") if self.n_local_crops else ("global_crop_size",)
+            for key in crops:
+                if getattr(self, key) < self.patch_size:
+                    fail(key, f"smaller than one {self.patch_size} x {self.patch_size} patch of arch={self.arch}")
         for key in ("min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
             if not getattr(self, key) >= 0:
                 fail(key, "must be >= 0")
@@ -187,6 +193,12 @@ class TrainConfig:
     def is_vit(self) -> bool:
         """A ViT backbone: the attention and activation-checkpointing keys apply to it."""
         return self.arch.startswith("vit")
+
+    @property
+    def patch_size(self) -> int | None:
+        """The ViT's patch size (``vit_*_p<N>``), None for other backbones."""
+        match = re.fullmatch(r"vit_\w+_p(\d+)", self.arch)
+        return int(match.group(1)) if match else None
 
     @property
     def resolved_precision(self) -> str:
