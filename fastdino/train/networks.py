@@ -46,15 +46,16 @@ def _has_batch_norm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def compile_backbone(network: MultiCropWrapper) -> None:
+def compile_backbone(network: MultiCropWrapper, **compile_options) -> None:
     """torch.compile in place (state-dict keys unchanged): each ViT block, which serves the
-    packed and per-resolution multi-crop forwards alike, or the whole convnet."""
+    packed and per-resolution multi-crop forwards alike, or the whole convnet.
+    ``compile_options`` go to ``torch.compile`` (the GPU benchmark's CPU run passes a backend)."""
     blocks = getattr(network.backbone, "blocks", None)
     if blocks is not None:
         for block in blocks:
-            block.compile()
+            block.compile(**compile_options)
     else:
-        network.backbone.compile()
+        network.backbone.compile(**compile_options)
 
 
 def parameter_groups(network: nn.Module) -> list[dict]:
