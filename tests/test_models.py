@@ -636,9 +636,9 @@ def test_wrapper_batches_per_resolution_for_other_backbones(generator):
 
 def test_registry_lists_and_builds_every_vit():
     names = list_backbones()
-    assert names == sorted(["resnet50"] + [f"vit_{size}_p{patch}" for size in ("tiny", "small", "base")
+    assert names == sorted(["resnet50"] + [f"vit_{size}_p{patch}" for size in ("tiny", "small", "base", "large")
                                            for patch in (8, 16)])
-    dims = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+    dims = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}
     for name in names:
         if name == "resnet50":
             continue

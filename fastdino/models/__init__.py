@@ -32,7 +32,7 @@ from .checkpoints import (
 )
 from .head import DINOHead, WeightNormalizedLinear, convert_weight_norm_keys
 from .registry import create_backbone, list_backbones
-from .vision_transformer import VisionTransformer, vit_base, vit_small, vit_tiny
+from .vision_transformer import VisionTransformer, vit_base, vit_large, vit_small, vit_tiny
 from .wrapper import MultiCropWrapper
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "resolve_attention_backend",
     "select_state_dict",
     "vit_base",
+    "vit_large",
     "vit_small",
     "vit_tiny",
     "xformers_status",

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .vision_transformer import vit_base, vit_small, vit_tiny
+from .vision_transformer import vit_base, vit_large, vit_small, vit_tiny
 
 
 def _vit(constructor: Callable[..., nn.Module], patch_size: int) -> Callable[..., nn.Module]:
@@ -34,7 +34,8 @@ def _timm_resnet50(**kwargs) -> nn.Module:
 
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {
     f"{name}_p{patch_size}": _vit(constructor, patch_size)
-    for name, constructor in (("vit_tiny", vit_tiny), ("vit_small", vit_small), ("vit_base", vit_base))
+    for name, constructor in (("vit_tiny", vit_tiny), ("vit_small", vit_small), ("vit_base", vit_base),
+                              ("vit_large", vit_large))
     for patch_size in (8, 16)
 }
 _BACKBONES["resnet50"] = _timm_resnet50

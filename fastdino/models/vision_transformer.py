@@ -364,3 +364,8 @@ def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
 def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
     """ViT-Base: dim 768, depth 12, 12 heads (85.8M parameters)."""
     return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, **kwargs)
+
+
+def vit_large(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    """ViT-Large: dim 1024, depth 24, 16 heads (303.3M parameters)."""
+    return VisionTransformer(patch_size=patch_size, embed_dim=1024, depth=24, num_heads=16, **kwargs)
