@@ -129,6 +129,31 @@ def runtime_scope(device: str | None = "auto", timeout_minutes: float = 30) -> I
         stop_runtime(current)
 
 
+class CollectiveTimeoutError(RuntimeError):
+    """A collective waited ``timeout`` for ranks that never came; the message names them."""
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    # gloo: "Timed out waiting 6000ms for recv operation"; NCCL's watchdog: "Watchdog caught
+    # collective operation timeout"
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("timed out" in message or "timeout" in message)
+
+
+def unresponsive_ranks(runtime: Runtime, wait_seconds: float) -> list[int]:
+    """After a collective timed out: every rank still running checks in through the process
+    group's key-value store (not a collective, so it works while one hangs); the ranks that
+    have not checked in after ``wait_seconds`` are returned."""
+    store = dist.distributed_c10d._get_default_store()
+    store.set(f"fastdino/collective-timeout/{runtime.rank}", "here")
+    deadline = time.monotonic() + wait_seconds
+    missing = list(range(runtime.world_size))
+    while missing and time.monotonic() < deadline:
+        missing = [rank for rank in missing if not store.check([f"fastdino/collective-timeout/{rank}"])]
+        time.sleep(0.2)
+    return missing
+
+
 def rank_and_world_size() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

@@ -301,3 +301,23 @@ def test_the_default_command_trains_the_tiny_preset(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "runs" / "tiny" / "teacher_backbone.pth").is_file()
     assert "done:" in result.stderr
+
+
+def test_a_stalled_rank_stops_the_others_naming_the_collective_and_the_rank(tmp_path, image_folder):
+    overrides = {**RUN_OVERRIDES, "epochs": 20, "distributed_timeout_minutes": 0.1}  # 6 s
+    run_dir = tmp_path / "run"
+    ranks = start_ranks(run_dir, image_folder, overrides, free_port())
+    try:
+        wait_for_logged_step(run_dir, 2, ranks)
+        ranks[1].send_signal(signal.SIGSTOP)
+        ranks[0].wait(timeout=120)
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    output = ranks[0].log_path.read_text()
+    assert ranks[0].returncode == 1, output[-3000:]
+    said = [line for line in output.splitlines() if line.startswith("fastdino.train: error: rank 0: ")]
+    assert len(said) == 1, output[-3000:]
+    assert "waited distributed_timeout_minutes=0.1 for the other ranks; rank(s) [1] did not answer" in said[0]
+    assert "Traceback" not in output

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from fastdino.runtime import DiskFullError, get_logger, process_rank
+from fastdino.runtime import CollectiveTimeoutError, DiskFullError, get_logger, process_rank
 
 from .config import ConfigError, TrainConfig, config_fields_help, parse_overrides, presets_table, resolve_config
 from .preemption import INTERRUPTED_EXIT_CODE, exit_code_for
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         if process_rank() == 0:  # every rank stops with the same error: say it once
             logger.error(error)
         return 2 if isinstance(error, (ConfigError, ImageFolderError)) else 1
+    except CollectiveTimeoutError as error:  # each rank says what it waited in
+        logger.error(error)
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
         logger.error("interrupted; rerun the same command to continue from the newest checkpoint")
         return INTERRUPTED_EXIT_CODE

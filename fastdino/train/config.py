@@ -130,6 +130,10 @@ class TrainConfig:
     log_every_steps: int = _doc(10, "metrics (a host sync) every N optimizer steps")
     tensorboard: bool = _doc(False, "also write the metrics to TensorBoard in <output_dir>/tensorboard "
                                     "(needs the tensorboard package)")
+    # -- the job --------------------------------------------------------------------------------
+    distributed_timeout_minutes: float = _doc(30.0, "how long a rank waits in a collective for the others "
+                                                    "(a stopped or stalled rank) before the run stops, "
+                                                    "naming the collective and the missing ranks")
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError naming the first bad key; returns self."""
@@ -151,7 +155,7 @@ class TrainConfig:
                     "freeze_last_layer", "checkpoint_every_steps", "data_threads", "seed"):
             if getattr(self, key) < 0:
                 fail(key, "must be >= 0")
-        for key in ("student_temp", "warmup_teacher_temp", "teacher_temp", "lr"):
+        for key in ("student_temp", "warmup_teacher_temp", "teacher_temp", "lr", "distributed_timeout_minutes"):
             if not getattr(self, key) > 0:
                 fail(key, "must be > 0")
         if self.patch_size:

@@ -26,7 +26,8 @@ from torch import nn
 
 from fastdino.data import ImageFolderError, build_multicrop_loader, write_synthetic_image_folder
 from fastdino.models import attention_kernels_report, export_backbone_state_dict
-from fastdino.runtime import Runtime, atomic_save, get_logger, runtime_scope
+from fastdino.runtime import (CollectiveTimeoutError, Runtime, atomic_save, get_logger, is_collective_timeout,
+                              runtime_scope, unresponsive_ranks)
 
 from .checkpointing import (
     BACKBONE_EXPORT_NAME,
@@ -75,7 +76,7 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) the training ``config`` describes; see the README for the command line."""
     config = apply_environment(config.validate())
-    with runtime_scope(config.device) as runtime:
+    with runtime_scope(config.device, config.distributed_timeout_minutes) as runtime:
         return Trainer(config, runtime).run()
 
 
@@ -154,6 +155,7 @@ class Trainer:
         self.last_good_checkpoint = self._resume()
         self.start_step = self.loader.steps_done
         self.stop_signals = StopSignals(runtime)
+        self.waiting_in = "the start"  # what the ranks do together now, for a timeout's message
         logger.info(f"{config.preset}: {config.arch}, {runtime.world_size} rank(s) on {self.device}, "
                     f"global batch {self.global_batch}, {self.steps_per_epoch} steps/epoch, steps "
                     f"{self.start_step} -> {self.stop_step} of {total_steps}, output {self.run_dir}; "
@@ -279,6 +281,7 @@ class Trainer:
             for step, micro_batches in self._steps(window):
                 done, epoch = step + 1, step // self.steps_per_epoch
                 log_now = done % config.log_every_steps == 0 or done == self.stop_step
+                self.waiting_in = f"optimizer step {done} (the gradient and center all-reduces)"
                 result = self.step_fn(micro_batches, self.schedules.at(step),
                                       freeze_last_layer=epoch < config.freeze_last_layer, measure=log_now)
                 window.record(result, step)
@@ -292,16 +295,22 @@ class Trainer:
                     self._save_checkpoint(done, window)
                 if run_or_epoch_ends:
                     self._export_backbone()
+                self.waiting_in = f"the stop-signal all-reduce after step {done}"
                 stopped_by = self.stop_signals.stop_now() if done < self.stop_step else None
                 if stopped_by:
+                    self.stop_signals.drain()
                     if not checkpoint_now:
                         self._save_checkpoint(done, window)
                     logger.info(f"stopped by {stopped_by} after step {done} of {self.stop_step}: checkpoint "
                                 f"{self.last_good_checkpoint}; run the same command again to continue")
                     return TrainResult(self.run_dir, done, last_metrics, self.student, self.teacher,
                                        self.center, stopped_by)
-        finally:
             self.stop_signals.drain()
+        except RuntimeError as error:
+            if self.runtime.initialized and is_collective_timeout(error):
+                raise self._timeout_error() from error
+            raise
+        finally:
             self.stop_signals.uninstall()
             progress.close()
         logger.info(f"done: {self.stop_step} steps. Checkpoint {self.run_dir / LATEST_CHECKPOINT_NAME}, "
@@ -322,6 +331,17 @@ class Trainer:
 
     # -- metrics, checkpoints, export --------------------------------------------------------------
 
+    def _timeout_error(self) -> CollectiveTimeoutError:
+        minutes = self.config.distributed_timeout_minutes
+        missing = unresponsive_ranks(self.runtime, wait_seconds=min(60.0, minutes * 60))
+        who = (f"rank(s) {missing} did not answer: stopped (SIGSTOP), stalled (a hung file system, a "
+               f"deadlock) or dead" if missing else
+               "every rank answered afterwards: one was slower than the limit (raise it)")
+        kept = self.last_good_checkpoint or "none yet"
+        return CollectiveTimeoutError(
+            f"rank {self.runtime.rank}: {self.waiting_in} waited distributed_timeout_minutes={minutes:g} "
+            f"for the other ranks; {who}. Last checkpoint: {kept}")
+
     def _raise_if_non_finite(self, window: _MetricsWindow) -> None:
         first = window.first_non_finite_step.clone()
         if self.runtime.initialized:
@@ -337,6 +357,7 @@ class Trainer:
 
     def _log(self, step: int, result: StepResult, window: _MetricsWindow, progress: TrainingProgress) -> dict:
         """Read the window's metrics (the one host sync of a log step) and report them."""
+        self.waiting_in = f"the metrics all-reduce of step {step}"
         self._raise_if_non_finite(window)
         values = self.schedules.at(step - 1)
         statistics = torch.stack([window.loss_sum / window.steps, result.teacher_entropy.float(),
@@ -366,6 +387,7 @@ class Trainer:
         return metrics
 
     def _save_checkpoint(self, step: int, window: _MetricsWindow) -> None:
+        self.waiting_in = f"the checkpoint of step {step} (its RNG-state gather)"
         self._raise_if_non_finite(window)  # never write a checkpoint of a diverged model
         rng_state = capture_rng_state(self.device)
         rng_states = [rng_state]
