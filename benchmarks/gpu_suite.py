@@ -189,6 +189,7 @@ class SuiteRun:
         self.rows += [{**row, "section": self.section} for row in rows]
         self.tables.setdefault(self.section, []).extend(lines)
         self.measured_cases.append((case, results))
+        self.write(final=False)  # a run stopped in the middle of a section keeps its finished cases
         return results, metrics
 
     def photo_folder(self, n_images: int, image_size: tuple[int, int]) -> Path:
@@ -236,13 +237,15 @@ class SuiteRun:
             lines += [f"No GPU here: every section ran at tiny sizes on the CPU (the Triton interpreter, "
                       f"DALI's CPU operators, SDPA), its timings are the CPU's, and every GPU figure reads "
                       f"\"{NOT_MEASURED}\".", ""]
+        sections = dict(self.sections)
         if not final:
-            lines += [f"**Partial report**, written after section \"{self.section}\".", ""]
+            lines += [f"**Partial report**: the run had got to section \"{self.section}\".", ""]
+            sections.setdefault(self.section, {"status": "running when this report was written", "seconds": ""})
         lines += [f"torch {torch.__version__}, fastdino {versions()['fastdino']}; "
                   f"{time.perf_counter() - self.started:.0f} s of a {self.args.time_budget:.0f} s budget.", "",
                   "| section | status | seconds |", "|---|---|---|"]
-        lines += [f"| {name} | {_cell(state['status'])} | {state['seconds']} |" for name, state in self.sections.items()]
-        for section in self.sections:
+        lines += [f"| {name} | {_cell(state['status'])} | {state['seconds']} |" for name, state in sections.items()]
+        for section in sections:
             lines += ["", f"## {section}", ""]
             figures = [figure for figure in self.figures if figure.section == section]
             if figures:
