@@ -137,7 +137,9 @@ def attention(run) -> None:
     else:
         run.unavailable("xformers, packed", xformers)
     flex = None
-    if run.compile and run.fits(120, "FlexAttention, packed"):
+    if not run.compile:
+        run.unavailable("FlexAttention, packed", "--no-compile (FlexAttention runs compiled)")
+    elif run.fits(120, "FlexAttention, packed"):
         flex, why_not = _flex_attention(run)
         if flex is None:
             run.unavailable("FlexAttention, packed", why_not)
@@ -272,7 +274,9 @@ def _train_case(run, label: str, arch: str, images_per_s: float) -> None:
     compiled_networks = (copy.deepcopy(student), copy.deepcopy(teacher)) if run.compile else None
     providers.append(Provider("fastdino step", timed(dino_step(student, teacher))))
     eager_step = providers[-1].fn
-    if compiled_networks and run.fits(180, f"{label}: fastdino step, compiled"):
+    if not compiled_networks:
+        run.unavailable(f"{label}: fastdino step, compiled", "--no-compile")
+    elif run.fits(180, f"{label}: fastdino step, compiled"):
         def compiled_provider():
             for network in compiled_networks:
                 compile_backbone(network, backend=run.compile_backend)

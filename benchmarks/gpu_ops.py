@@ -177,7 +177,9 @@ def _loss(run, sizes, dtype) -> None:
         return torch.autograd.grad(loss, logits)
 
     providers = [Provider("release loop", release_with(release_dino_loss))]
-    if run.compile and run.fits(60, f"{label}: release loop, torch.compile"):
+    if not run.compile:
+        run.unavailable(f"{label}: release loop, torch.compile", "--no-compile")
+    elif run.fits(60, f"{label}: release loop, torch.compile"):
         providers.append(Provider("release loop, torch.compile",
                                   release_with(torch.compile(release_dino_loss, backend=run.compile_backend))))
     fused_names = ["fastdino triton", "fastdino triton, overwrite logits"]
