@@ -187,8 +187,11 @@ def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint_and_the_rerun_c
     stopped_at = max(read_losses(run_dir))
     assert f"stopped by {signal.Signals(signal_number).name} after step {stopped_at} of 16" in output
     assert [step for step, _ in list_checkpoints(run_dir)][-1] == stopped_at < 16
+    marker = json.loads((run_dir / "STOPPED_BY_SIGNAL").read_text())  # for requeue scripts under torchrun
+    assert marker["signal"] == signal.Signals(signal_number).name and marker["step"] == stopped_at
 
     finish(start_cli(run_dir, image_folder, overrides, log_name="rerun"))
+    assert not (run_dir / "STOPPED_BY_SIGNAL").exists()
     finish(uninterrupted)
     assert read_losses(run_dir) == read_losses(tmp_path / "uninterrupted")  # bit-identical, step by step
 

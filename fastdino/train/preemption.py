@@ -22,6 +22,9 @@ from fastdino.runtime import Runtime, get_logger
 # EX_TEMPFAIL (sysexits.h): "a temporary failure; retry later": what a requeue script checks
 PREEMPTED_EXIT_CODE = 75
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+# torchrun exits 1 whatever its workers exit with: a requeue script under torchrun checks for
+# this file in the output directory instead (written on a signal stop, removed at the next start)
+STOPPED_MARKER_NAME = "STOPPED_BY_SIGNAL"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 logger = get_logger("train")
 

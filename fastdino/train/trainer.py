@@ -13,6 +13,7 @@ done are derived from it (``MultiCropLoader.steps_done``), and step ``s`` falls 
 
 from __future__ import annotations
 
+import json
 import random
 import resource
 import time
@@ -47,7 +48,7 @@ from .checkpointing import (
 from .collapse import CollapseMonitor
 from .config import ConfigError, TrainConfig, apply_environment, resolve_backends, save_config_json
 from .networks import build_optimizer, build_student_and_teacher, compile_backbone
-from .preemption import StopSignals
+from .preemption import STOPPED_MARKER_NAME, StopSignals
 from .progress import METRICS_FILE_NAME, TrainingProgress
 from .schedules import build_schedules, global_batch_size
 from .step import DINOStep, StepResult
@@ -174,6 +175,7 @@ class Trainer:
         if self.runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_files(self.run_dir)
+            (self.run_dir / STOPPED_MARKER_NAME).unlink(missing_ok=True)
             save_config_json(self.config, self.backends, self.run_dir / CONFIG_FILE_NAME)
         self.runtime.barrier()
 
@@ -301,6 +303,9 @@ class Trainer:
                     self.stop_signals.drain()
                     if not checkpoint_now:
                         self._save_checkpoint(done, window)
+                    if self.runtime.is_main:
+                        (self.run_dir / STOPPED_MARKER_NAME).write_text(json.dumps(
+                            {"signal": stopped_by, "step": done, "checkpoint": str(self.last_good_checkpoint)}))
                     logger.info(f"stopped by {stopped_by} after step {done} of {self.stop_step}: checkpoint "
                                 f"{self.last_good_checkpoint}; run the same command again to continue")
                     return TrainResult(self.run_dir, done, last_metrics, self.student, self.teacher,
