@@ -177,3 +177,16 @@ def test_listing_and_printing_the_config_import_neither_xformers_nor_dali(tmp_pa
         result = subprocess.run([sys.executable, "-m", "fastdino.train", flag], env=environment,
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0 and "imported" not in result.stderr, (flag, result.stderr[-2000:])
+
+
+def test_every_augmentation_field_is_a_config_key_with_the_recipes_default():
+    from fastdino.data import MultiCropRecipe
+    recipe = resolve_config("vit_small_p16").multicrop_recipe()
+    assert recipe == MultiCropRecipe()  # the release's recipe, field by field
+    tuned = resolve_config("tiny", ["blur_probabilities=1,0.2,0.3", "hue=0.05", "mean=0.5,0.5,0.5",
+                                    "skip_bad_files=true"])
+    assert tuned.multicrop_recipe().blur_probabilities == (1.0, 0.2, 0.3)
+    assert tuned.multicrop_recipe().hue == 0.05 and tuned.multicrop_recipe().mean == (0.5, 0.5, 0.5)
+    assert tuned.skip_bad_files is True
+    with pytest.raises(ConfigError, match=r"blur_kernel_size=4: must be odd"):
+        resolve_config("tiny", ["blur_kernel_size=4"])

@@ -120,9 +120,31 @@ class TrainConfig:
                                                   "area fraction range of the global crops")
     local_crop_scale: tuple[float, float] = _doc(_RECIPE_DEFAULTS.local_crop_scale,
                                                  "area fraction range of the local crops")
+    # the rest of the augmentation recipe (fastdino.data.MultiCropRecipe; defaults: the release's);
+    # a triple applies to (first global crop, second global crop, each local crop)
+    aspect_ratio: tuple[float, float] = _doc(_RECIPE_DEFAULTS.aspect_ratio, "aspect ratio range of the crops")
+    flip_probability: float = _doc(_RECIPE_DEFAULTS.flip_probability, "horizontal flip probability")
+    color_jitter_probability: float = _doc(_RECIPE_DEFAULTS.color_jitter_probability,
+                                           "probability of the colour jitter")
+    brightness: float = _doc(_RECIPE_DEFAULTS.brightness, "colour jitter: brightness strength")
+    contrast: float = _doc(_RECIPE_DEFAULTS.contrast, "colour jitter: contrast strength")
+    saturation: float = _doc(_RECIPE_DEFAULTS.saturation, "colour jitter: saturation strength")
+    hue: float = _doc(_RECIPE_DEFAULTS.hue, "colour jitter: hue strength, in [0, 0.5]")
+    grayscale_probability: float = _doc(_RECIPE_DEFAULTS.grayscale_probability, "grayscale probability")
+    blur_probabilities: tuple[float, float, float] = _doc(_RECIPE_DEFAULTS.blur_probabilities,
+                                                          "Gaussian blur probability per crop kind")
+    blur_sigma: tuple[float, float] = _doc(_RECIPE_DEFAULTS.blur_sigma, "Gaussian blur sigma range")
+    blur_kernel_size: int = _doc(_RECIPE_DEFAULTS.blur_kernel_size, "Gaussian blur kernel side (odd)")
+    solarize_probabilities: tuple[float, float, float] = _doc(_RECIPE_DEFAULTS.solarize_probabilities,
+                                                              "solarization probability per crop kind")
+    mean: tuple[float, float, float] = _doc(_RECIPE_DEFAULTS.mean, "normalization mean (RGB, in [0, 1])")
+    std: tuple[float, float, float] = _doc(_RECIPE_DEFAULTS.std, "normalization std (RGB)")
     data_backend: str = _choice("auto", DATA_BACKENDS, "multi-crop pipeline (fastdino.data); "
                                                        f"{DATA_BACKEND_ENV_VAR} overrides it")
-    data_threads: int = _doc(0, "decoding threads/workers per rank; 0: the loader's default")
+    data_threads: int = _doc(0, "decoding threads/workers per rank; 0: the loader's default (the "
+                                "cores this process may use, divided by LOCAL_WORLD_SIZE)")
+    skip_bad_files: bool = _doc(False, "leave out files that cannot be decoded (named and counted in a "
+                                       "warning) instead of refusing to start")
     synthetic_images: int = _doc(64, "images generated when data is empty")
     # -- checkpoints and logs --------------------------------------------------------------------
     checkpoint_every_steps: int = _doc(1000, "checkpoint every N optimizer steps (and at each epoch end); 0: epoch ends only")
@@ -216,9 +238,8 @@ class TrainConfig:
         return AUTOCAST_DTYPES[self.resolved_precision]
 
     def multicrop_recipe(self) -> MultiCropRecipe:
-        """The augmentation recipe: the release's, with this config's crop sizes and scales."""
-        return MultiCropRecipe(global_crop_size=self.global_crop_size, local_crop_size=self.local_crop_size,
-                               global_crop_scale=self.global_crop_scale, local_crop_scale=self.local_crop_scale)
+        """The augmentation recipe: every field of ``MultiCropRecipe`` is a key of this config."""
+        return MultiCropRecipe(**{spec.name: getattr(self, spec.name) for spec in dataclasses.fields(MultiCropRecipe)})
 
     @property
     def run_dir(self) -> Path:
@@ -402,7 +423,7 @@ def config_fields_help() -> str:
     for spec in dataclasses.fields(TrainConfig):
         type_name = getattr(hints[spec.name], "__name__", str(hints[spec.name]))
         if typing.get_origin(hints[spec.name]) is tuple:
-            type_name = "float,float"
+            type_name = ",".join(arg.__name__ for arg in typing.get_args(hints[spec.name]))
         default = spec.default
         choices = spec.metadata.get("choices")
         kind = "|".join(choices) if choices else type_name
