@@ -164,6 +164,7 @@ class VisionTransformer(nn.Module):
         # (grid_h, grid_w) -> (stamp of pos_embed when computed, interpolated table); see
         # interpolated_pos_embed. Not a buffer: it is derived, never saved.
         self._pos_embed_cache: OrderedDict = OrderedDict()
+        self.cache_pos_embed = True
         self._init_weights()
 
     def _init_weights(self):
@@ -193,12 +194,15 @@ class VisionTransformer(nn.Module):
         bump it after every step, and others need ``torch.autograd.graph.increment_version``.
         When gradients must reach ``pos_embed`` it is recomputed on every call, so each forward
         has its own graph (a cached one would already be freed by the previous backward).
+        ``cache_pos_embed = False`` recomputes it always: FSDP2 refills its gathered parameters in
+        place and keeps their version counters, which the cache's stamp cannot see
+        (``fastdino.train.sharding`` turns the cache off).
         """
         native = self.pos_embed_grid
         if (grid_h, grid_w) == (native, native):
             return self.pos_embed
         recording = torch.is_grad_enabled() and self.pos_embed.requires_grad
-        if recording:
+        if recording or not self.cache_pos_embed:
             return self._interpolate_pos_embed(grid_h, grid_w)
         # The parameter object, its storage and its in-place version counter identify its values.
         stamp = (self.pos_embed, self.pos_embed.data_ptr(), self.pos_embed._version)
