@@ -190,3 +190,9 @@ def test_every_augmentation_field_is_a_config_key_with_the_recipes_default():
     assert tuned.skip_bad_files is True
     with pytest.raises(ConfigError, match=r"blur_kernel_size=4: must be odd"):
         resolve_config("tiny", ["blur_kernel_size=4"])
+
+
+def test_fsdp_refuses_what_it_does_not_support_yet():
+    assert resolve_config("vit_large_p16").parallelism == "fsdp"
+    with pytest.raises(ConfigError, match=r"compile=True: torch.compile of sharded blocks"):
+        resolve_config("tiny", ["parallelism=fsdp", "compile=true"])

@@ -185,8 +185,8 @@ def test_gradient_accumulation_equals_one_big_batch_with_one_ema_and_center_upda
     schedules = build_schedules(config, 4, 1)
 
     ema_calls = []
-    real_ema = step_module.ema_update_
-    monkeypatch.setattr(step_module, "ema_update_", lambda *a, **k: (ema_calls.append(1), real_ema(*a, **k)))
+    real_ema = step_module.sharded_ema_update_
+    monkeypatch.setattr(step_module, "sharded_ema_update_", lambda *a, **k: (ema_calls.append(1), real_ema(*a, **k)))
 
     accumulated = make_setup(config)
     whole = make_setup(config)
@@ -210,9 +210,9 @@ def test_ops_backend_reaches_the_loss_the_clipping_and_the_ema(generator, monkey
                     center_momentum=config.center_momentum, clip_grad=config.clip_grad,
                     ops_backend=config.ops_backend)
     backends = {}
-    for name in ("dino_loss", "clip_grad_per_param_", "ema_update_"):
+    for name in ("dino_loss", "sharded_clip_grad_per_param_", "sharded_ema_update_"):
         real = getattr(step_module, name)
         monkeypatch.setattr(step_module, name, lambda *a, _real=real, _name=name, **k: (
             backends.setdefault(_name, k.get("backend")), _real(*a, **k))[1])
     step([random_crops(generator)], build_schedules(config, 4, 1).at(0), freeze_last_layer=False)
-    assert backends == {"dino_loss": "torch", "clip_grad_per_param_": "torch", "ema_update_": "torch"}
+    assert backends == {"dino_loss": "torch", "sharded_clip_grad_per_param_": "torch", "sharded_ema_update_": "torch"}

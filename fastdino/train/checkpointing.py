@@ -38,12 +38,21 @@ from .config import ConfigError
 LATEST_CHECKPOINT_NAME = "checkpoint.pth"
 BACKBONE_EXPORT_NAME = "teacher_backbone.pth"
 REPLACED_FOLDER_PREFIX = "replaced-"
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-step(\d+)\.pth$")
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-step(\d+)\.(pth|dcp)$")  # .dcp: a sharded run's directory
 logger = get_logger("train")
 
 
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / f"checkpoint-step{step:09d}.pth"
+def checkpoint_path(run_dir: Path, step: int, sharded: bool = False) -> Path:
+    """A file of the whole state, or for a sharded (FSDP2) run a torch.distributed.checkpoint
+    directory: each rank's shards, and the rest in ``extra.pth``."""
+    return Path(run_dir) / f"checkpoint-step{step:09d}.{'dcp' if sharded else 'pth'}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def point_latest_to(path: Path) -> None:
@@ -66,20 +75,20 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for entry in run_dir.iterdir():
         match = _CHECKPOINT_NAME.match(entry.name)
-        if match and entry.is_file():
+        if match and (entry.is_file() if match.group(2) == "pth" else entry.is_dir()):
             found.append((int(match.group(1)), entry))
     return sorted(found)
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     for _, path in list_checkpoints(run_dir)[:-keep_last]:
-        path.unlink(missing_ok=True)
+        _remove(path)
 
 
 def remove_partial_files(run_dir: Path) -> None:
     """Delete temporary files of writes that were interrupted (a killed run leaves them)."""
     for entry in Path(run_dir).glob(f"*{PARTIAL_MARKER}*"):
-        entry.unlink(missing_ok=True)
+        _remove(entry)
 
 
 def unreadable_reason(error: Exception) -> str:
@@ -105,7 +114,10 @@ def checkpoint_kind(payload) -> str | None:
 
 def read_resumable(path: Path) -> dict:
     """The payload of a fastdino or release checkpoint at ``path``; ConfigError (one line, naming
-    the file and why) for anything else."""
+    the file and why) for anything else. For a sharded run's directory: what it holds besides
+    the networks and the optimizer (step, data position, RNG states, center, ...)."""
+    if path.is_dir():
+        return _read_sharded_extra(path)
     try:
         payload = read_checkpoint(path)
     except Exception as error:  # truncated, corrupt, not a torch file
@@ -115,6 +127,21 @@ def read_resumable(path: Path) -> dict:
         raise ConfigError(f"cannot resume from {path}: neither a fastdino nor a release DINO checkpoint "
                           f"(top-level keys {keys})")
     return payload
+
+
+def _read_sharded_extra(path: Path) -> dict:
+    from .sharding import EXTRA_FILE_NAME
+
+    if not (path / ".metadata").is_file():
+        raise ConfigError(f"cannot resume from {path}: a directory without torch.distributed.checkpoint's "
+                          f".metadata (an interrupted or foreign save)")
+    try:
+        extra = read_checkpoint(path / EXTRA_FILE_NAME)
+    except Exception as error:
+        raise ConfigError(f"cannot resume from {path}: its {EXTRA_FILE_NAME}: {unreadable_reason(error)}") from None
+    if not isinstance(extra, dict) or not {"step", "data", "rng", "dino_loss"} <= extra.keys():
+        raise ConfigError(f"cannot resume from {path}: not a checkpoint of a sharded fastdino run")
+    return extra
 
 
 def resumable_files(run_dir: Path) -> list[Path]:

@@ -37,6 +37,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 OPTIMIZERS = ("adamw", "sgd")
 RESUME_MODES = ("auto", "never", "restart")
+PARALLELISMS = ("ddp", "fsdp")
 # key -> the environment variable that forces it for the whole process (and for fastdino.ops,
 # fastdino.models and fastdino.data outside training too)
 ENVIRONMENT_OVERRIDES = {"ops_backend": BACKEND_ENV_VAR, "attn_backend": ATTENTION_ENV_VAR,
@@ -89,6 +90,9 @@ class TrainConfig:
                                                             f"(fastdino.models); {ATTENTION_ENV_VAR} overrides it")
     activation_checkpointing: bool = _doc(False, "recompute each ViT block in the backward (less memory)")
     compile: bool = _doc(False, "torch.compile the backbones (each ViT block)")
+    parallelism: str = _choice("ddp", PARALLELISMS, "ddp: the student replicated on every rank; fsdp: "
+                                                    "student, teacher and optimizer state sharded with "
+                                                    "FSDP2 (ViT-L and larger)")
     # -- loss and teacher --------------------------------------------------------------------------
     student_temp: float = _doc(0.1, "student softmax temperature")
     warmup_teacher_temp: float = _doc(0.04, "teacher temperature at the start of its warm-up")
@@ -211,6 +215,10 @@ class TrainConfig:
             fail("device", "no CUDA device is available")
         if self.precision == "fp16" and device_type(self.device) != "cuda":
             fail("precision", "float16 with a gradient scaler needs a GPU; use bf16 or fp32")
+        if self.parallelism == "fsdp" and self.resolved_precision == "fp16":
+            fail("precision", "float16's gradient scaler is not supported with parallelism=fsdp; use bf16")
+        if self.parallelism == "fsdp" and self.compile:
+            fail("compile", "torch.compile of sharded blocks is not supported yet with parallelism=fsdp")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             fail("tensorboard", "the tensorboard package is not installed: pip install tensorboard")
         return self
@@ -283,6 +291,13 @@ PRESETS: dict[str, Preset] = {
     "vit_base_p8": Preset(
         "ViT-B/8: the ViT-B/16 recipe at patch 8",
         dict(arch="vit_base_p8", batch_size_per_gpu=32, epochs=400, lr=0.00075, min_lr=2e-6,
+             teacher_temp=0.07, warmup_teacher_temp_epochs=50, freeze_last_layer=3, n_local_crops=10,
+             global_crop_scale=(0.25, 1.0), local_crop_scale=(0.05, 0.25))),
+    "vit_large_p16": Preset(
+        "ViT-L/16 sharded with FSDP2: the ViT-B/16 recipe, bf16, activation checkpointing, drop path 0.4 "
+        "(no published DINO recipe: DINOv2's drop path for ViT-L)",
+        dict(arch="vit_large_p16", parallelism="fsdp", precision="bf16", activation_checkpointing=True,
+             drop_path_rate=0.4, batch_size_per_gpu=32, epochs=400, lr=0.00075, min_lr=2e-6,
              teacher_temp=0.07, warmup_teacher_temp_epochs=50, freeze_last_layer=3, n_local_crops=10,
              global_crop_scale=(0.25, 1.0), local_crop_scale=(0.05, 0.25))),
     "resnet50": Preset(

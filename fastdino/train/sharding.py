@@ -49,7 +49,8 @@ from fastdino.ops import clip_grad_per_param_, ema_update_
 from fastdino.ops.clip_grad import CLIP_EPS
 from fastdino.runtime import partial_path
 
-PARALLELISMS = ("ddp", "fsdp")
+from .config import PARALLELISMS
+
 EXTRA_FILE_NAME = "extra.pth"  # beside DCP's files: what the caller adds (step, center, ...)
 _REPLACED_SUFFIX = ".replaced"
 

@@ -21,13 +21,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
-from fastdino.ops import CenterUpdate, clip_grad_per_param_, dino_loss, ema_update_
+from fastdino.ops import CenterUpdate, dino_loss
 from fastdino.runtime import unwrap_parallel
 
 from .collapse import teacher_entropy
 from .networks import last_layer_parameters
 from .schedules import ScheduledValues
+# the fused ops themselves on plain tensors (DDP, one process), over the local shards with FSDP2
+from .sharding import sharded_clip_grad_per_param_, sharded_ema_update_
 
 N_GLOBAL_CROPS = 2
 
@@ -84,6 +87,14 @@ class DINOStep:
             if group.get("apply_weight_decay"):
                 group["weight_decay"] = values.weight_decay
 
+    def _gradient_sync(self, last: bool):
+        """Reduce the accumulated gradients once, in the last micro-batch's backward."""
+        if isinstance(self.student, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext() if last else self.student.no_sync()
+        if isinstance(self.student, FSDPModule):
+            self.student.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
     def __call__(self, micro_batches: Sequence[Sequence[torch.Tensor]], values: ScheduledValues,
                  freeze_last_layer: bool, measure: bool = False) -> StepResult:
         """One optimizer step over ``micro_batches`` (lists of crops, global crops first).
@@ -96,9 +107,7 @@ class DINOStep:
         entropy = kl_divergence = None
         for index, crops in enumerate(micro_batches):
             last = index == n_micro - 1
-            # DDP: all-reduce the accumulated gradients once, in the last backward.
-            no_sync = self.student.no_sync if isinstance(self.student, nn.parallel.DistributedDataParallel) else None
-            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            with self._gradient_sync(last):
                 with self._autocast():
                     with torch.no_grad():
                         teacher_logits = self.teacher(crops)
@@ -126,12 +135,12 @@ class DINOStep:
             for parameter in self.last_layer_params:
                 parameter.grad = None
         if self.clip_grad:
-            clip_grad_per_param_(self.student_params, self.clip_grad, backend=self.ops_backend)
+            sharded_clip_grad_per_param_(self.student_params, self.clip_grad, backend=self.ops_backend)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        ema_update_(self.teacher_params, self.student_params, values.teacher_momentum, backend=self.ops_backend)
+        sharded_ema_update_(self.teacher_params, self.student_params, values.teacher_momentum, backend=self.ops_backend)
         self.center_update.finish()
         return StepResult(loss_sum / n_micro if n_micro > 1 else loss_sum, entropy, kl_divergence)

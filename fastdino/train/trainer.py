@@ -49,6 +49,8 @@ from .collapse import CollapseMonitor
 from .config import ConfigError, TrainConfig, apply_environment, resolve_backends, save_config_json
 from .networks import build_optimizer, build_student_and_teacher, compile_backbone
 from .preemption import STOPPED_MARKER_NAME, StopSignals
+from .sharding import (export_full_backbone_state_dict, load_sharded_checkpoint, save_sharded_checkpoint,
+                       shard_student_and_teacher)
 from .progress import METRICS_FILE_NAME, TrainingProgress
 from .schedules import build_schedules, global_batch_size
 from .step import DINOStep, StepResult
@@ -129,6 +131,11 @@ class Trainer:
         # (drop path), as data-parallel training wants.
         torch.manual_seed(config.seed)
         self.student, self.teacher = build_student_and_teacher(config, self.device)
+        self.sharded = config.parallelism == "fsdp" and runtime.world_size > 1
+        if config.parallelism == "fsdp" and not self.sharded:
+            logger.warning("parallelism=fsdp with one process: nothing to shard, training unsharded")
+        if self.sharded:  # before the optimizer: sharding replaces the parameters
+            shard_student_and_teacher(self.student, self.teacher, mixed_precision_dtype=config.autocast_dtype)
         if config.compile:
             compile_backbone(self.student)
             compile_backbone(self.teacher)
@@ -136,7 +143,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if config.resolved_precision == "fp16" else None
         self.center = torch.zeros(1, config.out_dim, device=self.device)
         trained_student = self.student
-        if runtime.world_size > 1:
+        if runtime.world_size > 1 and not self.sharded:
             trained_student = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)
@@ -222,6 +229,9 @@ class Trainer:
         path, payload = found
         if checkpoint_kind(payload) == "release":
             payload = self._as_fastdino_payload(path, payload)
+        saved_world_size = len(payload["rng"])
+        if saved_world_size and saved_world_size != self.runtime.world_size:
+            payload = self._on_other_ranks(path, payload, saved_world_size)
         step = int(payload["step"])
         try:
             self.loader.load_state_dict(payload["data"])
@@ -245,8 +255,16 @@ class Trainer:
         if changed:
             logger.warning(f"resuming on other backends than {path} was trained on: {', '.join(changed)}; "
                            f"the run will not reproduce the uninterrupted one exactly")
-        restore_checkpoint(payload, student=self.student, teacher=self.teacher, optimizer=self.optimizer,
-                           scaler=self.scaler, center=self.center)
+        if path.is_dir():  # a sharded (DCP) checkpoint: loads on any number of ranks, sharded or not
+            load_sharded_checkpoint(path, self.student, self.teacher, self.optimizer)
+            with torch.no_grad():
+                self.center.copy_(payload["dino_loss"]["center"])
+        elif self.sharded:
+            raise ConfigError(f"{path} is a whole-network checkpoint and this run is sharded "
+                              f"(parallelism=fsdp): resume it with parallelism=ddp")
+        else:
+            restore_checkpoint(payload, student=self.student, teacher=self.teacher, optimizer=self.optimizer,
+                               scaler=self.scaler, center=self.center)
         rng_states = payload["rng"]
         if len(rng_states) == self.runtime.world_size:
             restore_rng_state(rng_states[self.runtime.rank], self.device)
@@ -255,6 +273,20 @@ class Trainer:
                            f"{self.runtime.world_size}: drop path draws will differ from the original run")
         logger.info(f"resumed from {path} at step {step} (epoch {payload['epoch']})")
         return path
+
+    def _on_other_ranks(self, path: Path, payload: dict, saved_world_size: int) -> dict:
+        """A checkpoint of another number of ranks, which only an epoch end can continue: each
+        rank's part of an epoch, and so the steps per epoch, depend on the number of ranks."""
+        epoch, data = int(payload["epoch"]), payload["data"]
+        at_epoch_end = (data["epoch"], data["step"]) == (epoch, 0) or (data["epoch"] == epoch - 1 and data["step"] > 0)
+        if not at_epoch_end:
+            raise ConfigError(
+                f"{path} was written by {saved_world_size} rank(s) in the middle of epoch {data['epoch']}; "
+                f"this run has {self.runtime.world_size}: resume it on {saved_world_size} rank(s), or from "
+                f"a checkpoint of an epoch end (--resume PATH)")
+        logger.warning(f"{path} was written by {saved_world_size} rank(s), this run has {self.runtime.world_size}: "
+                       f"continuing at the start of epoch {epoch}, step {epoch * self.steps_per_epoch} of this run")
+        return {**payload, "step": epoch * self.steps_per_epoch, "data": {"epoch": epoch, "step": 0}}
 
     def _as_fastdino_payload(self, path: Path, payload: dict) -> dict:
         """A release checkpoint (written at the end of an epoch; its "epoch" is the next one) as
@@ -400,19 +432,28 @@ class Trainer:
         if self.runtime.initialized:
             rng_states = [None] * self.runtime.world_size
             dist.all_gather_object(rng_states, rng_state)
-        path = checkpoint_path(self.run_dir, step)
-        if self.runtime.is_main:
+        path = checkpoint_path(self.run_dir, step, sharded=self.sharded)
+        state = dict(epoch=step // self.steps_per_epoch, step=step, config=self.config.to_dict(),
+                     backends=dict(self.backends), data=self.loader.state_dict(), rng=rng_states)
+        if self.sharded:  # every rank writes its shards
+            save_sharded_checkpoint(path, self.student, self.teacher, self.optimizer,
+                                    {**state, "dino_loss": {"center": self.center.detach().cpu()}})
+        elif self.runtime.is_main:
             payload = build_checkpoint(
                 student=self.student, teacher=self.teacher, optimizer=self.optimizer, scaler=self.scaler,
-                center=self.center, epoch=step // self.steps_per_epoch, step=step,
-                config=self.config.to_dict(), backends=self.backends, data_state=self.loader.state_dict(),
-                rng_states=rng_states)
+                center=self.center, epoch=state["epoch"], step=step, config=state["config"],
+                backends=self.backends, data_state=state["data"], rng_states=rng_states)
             atomic_save(payload, path)
             point_latest_to(path)
+        if self.runtime.is_main:
             prune_checkpoints(self.run_dir, self.config.keep_last_checkpoints)
             logger.info(f"checkpoint {path}")
         self.last_good_checkpoint = path
 
     def _export_backbone(self) -> None:
+        if self.sharded:  # gathered on rank 0 (a collective)
+            backbone = export_full_backbone_state_dict(self.teacher)
+        else:
+            backbone = export_backbone_state_dict(self.teacher) if self.runtime.is_main else None
         if self.runtime.is_main:
-            atomic_save(export_backbone_state_dict(self.teacher), self.run_dir / BACKBONE_EXPORT_NAME)
+            atomic_save(backbone, self.run_dir / BACKBONE_EXPORT_NAME)
