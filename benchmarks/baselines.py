@@ -178,3 +178,25 @@ def release_train_step(student, teacher, optimizer, center, crops, *, lr, weight
     if torch.cuda.is_available() and crops[0].is_cuda:
         torch.cuda.synchronize()
     return loss
+
+
+def release_step_on_copies(student, teacher, crops, values, *, clip_grad, autocast_dtype, out_dim):
+    """A callable running ``release_train_step`` on copies of ``student`` and ``teacher`` as the
+    release builds them: AdamW over the release's param groups, a zero center, one backbone
+    forward per crop resolution with SDPA attention. ``values``: the schedules at the step."""
+    import copy
+
+    from fastdino.train.networks import parameter_groups
+
+    release_student, release_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    optimizer = torch.optim.AdamW(parameter_groups(release_student))  # the release's choice
+    center = torch.zeros(1, out_dim, device=next(student.parameters()).device)
+    release_student.packed = release_teacher.packed = False
+    release_student.backbone.attn_backend = release_teacher.backbone.attn_backend = "sdpa"
+
+    def step(_=None):
+        release_train_step(release_student, release_teacher, optimizer, center, crops,
+                           lr=values.learning_rate, weight_decay=values.weight_decay,
+                           momentum=values.teacher_momentum, teacher_temp=values.teacher_temperature,
+                           clip_grad=clip_grad, autocast_dtype=autocast_dtype)
+    return step

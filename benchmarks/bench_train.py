@@ -22,23 +22,18 @@ Sizes: the ``tiny`` preset on the CPU (its batch, crops and head; float32); on a
 
 from __future__ import annotations
 
-import copy
 import itertools
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from baselines import release_train_step
+from baselines import release_step_on_copies
 from measure import Case, Provider, Target
 
 from fastdino.data import build_multicrop_loader, write_synthetic_image_folder
 from fastdino.train import build_schedules, resolve_config
-from fastdino.train.networks import (
-    build_optimizer,
-    build_student_and_teacher,
-    parameter_groups,
-)
+from fastdino.train.networks import build_optimizer, build_student_and_teacher
 from fastdino.train.step import DINOStep
 
 CPU_TARGET = 1.5
@@ -75,18 +70,8 @@ def cases(device: torch.device, quick: bool):
 
     torch.manual_seed(config.seed)
     student, teacher = build_student_and_teacher(config, device)
-    release_student, release_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
-    release_optimizer = torch.optim.AdamW(parameter_groups(release_student))  # the release's choice
-    release_center = torch.zeros(1, config.out_dim, device=device)
-    # The release's MultiCropWrapper: one backbone forward per crop resolution, SDPA attention.
-    release_student.packed = release_teacher.packed = False
-    release_student.backbone.attn_backend = release_teacher.backbone.attn_backend = "sdpa"
-
-    def release_step(_):
-        release_train_step(release_student, release_teacher, release_optimizer, release_center, crops,
-                           lr=values.learning_rate, weight_decay=values.weight_decay,
-                           momentum=values.teacher_momentum, teacher_temp=values.teacher_temperature,
-                           clip_grad=config.clip_grad, autocast_dtype=autocast_dtype)
+    release_step = release_step_on_copies(student, teacher, crops, values, clip_grad=config.clip_grad,
+                                          autocast_dtype=autocast_dtype, out_dim=config.out_dim)
 
     step = DINOStep(student, teacher, build_optimizer(config, student, device),
                     torch.zeros(1, config.out_dim, device=device), student_temp=config.student_temp,

@@ -25,13 +25,13 @@ import warnings
 import torch
 from torch import nn
 
-from baselines import release_train_step
+from baselines import release_step_on_copies
 from bench_models import multicrop_step_flops
 from fastdino.data import build_multicrop_loader
 from fastdino.models import create_backbone, vision_transformer, xformers_status
 from fastdino.train import build_schedules, resolve_config
 from fastdino.train.config import resolve_backends
-from fastdino.train.networks import build_optimizer, build_student_and_teacher, compile_backbone, parameter_groups
+from fastdino.train.networks import build_optimizer, build_student_and_teacher, compile_backbone
 from fastdino.train.step import DINOStep
 from gpu_suite import failure
 from measure import Case, Provider
@@ -257,18 +257,8 @@ def _train_case(run, label: str, arch: str, images_per_s: float) -> None:
     def timed(step):
         return lambda _: step([crops], values, freeze_last_layer=False)
 
-    release_student, release_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
-    release_optimizer = torch.optim.AdamW(parameter_groups(release_student))  # the release's choice
-    release_center = torch.zeros(1, config.out_dim, device=device)
-    # The release's MultiCropWrapper: one backbone forward per crop resolution, SDPA attention.
-    release_student.packed = release_teacher.packed = False
-    release_student.backbone.attn_backend = release_teacher.backbone.attn_backend = "sdpa"
-
-    def release_step(_):
-        release_train_step(release_student, release_teacher, release_optimizer, release_center, crops,
-                           lr=values.learning_rate, weight_decay=values.weight_decay,
-                           momentum=values.teacher_momentum, teacher_temp=values.teacher_temperature,
-                           clip_grad=config.clip_grad, autocast_dtype=config.autocast_dtype)
+    release_step = release_step_on_copies(student, teacher, crops, values, clip_grad=config.clip_grad,
+                                          autocast_dtype=config.autocast_dtype, out_dim=config.out_dim)
 
     providers = [Provider("release-style step", release_step)]
     compiled_networks = (copy.deepcopy(student), copy.deepcopy(teacher)) if run.compile else None
