@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from fastdino.data import ImageFolderError, build_multicrop_loader, list_image_files, scan_images
+from fastdino.data import ImageFolderError, build_multicrop_loader, index_cache, list_image_files, scan_images
 
 PIL = pytest.importorskip("PIL.Image")
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp_path(tmp_path, monkeypatch):
+    """The scans' checks are cached here, not in ~/.cache."""
+    monkeypatch.setenv(index_cache.CACHE_DIR_ENV_VAR, str(tmp_path / "cache"))
 
 
 def save_image(path, mode="RGB", size=(80, 60), image_format=None):
