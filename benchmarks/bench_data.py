@@ -9,17 +9,28 @@ workers hand over batches in bursts (prefetching) are measured over a whole burs
 Providers: "release torchvision recipe" (``DataAugmentationDINO`` + ``ImageFolder`` +
 ``DataLoader``, as main_dino.py), "fastdino torchvision" (the fallback backend) and
 "fastdino dali-cpu" / "fastdino dali-gpu" (DALI on this machine's device).
+Image index start-up (``index_cases``): ``scan_images`` on an ImageNet-like folder (class folders
+of 100 files named like ImageNet's), every file a hard link to one of 8 sample photos of
+ImageNet's typical size (real JPEGs to check, written in seconds, on a warm page cache): the first
+start (no cache: list, check every file, write the cache) against a cached start (list and stat
+every file, read the cache), and the listing alone. Peak memory (tracemalloc, Python and NumPy
+allocations) is measured in one more untimed run of each.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
+import tracemalloc
+from pathlib import Path
 
 import torch
 
 from baselines import release_multicrop_loader
 from fastdino.data import build_multicrop_loader, dali_available, write_sample_photo_folder
+from fastdino.data import image_files
 from measure import Case, Provider, Target
 
 N_LOCAL_CROPS = 10
@@ -74,4 +85,72 @@ def cases(device: torch.device, quick: bool):
                "images": f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG photos", "cpu_threads": threads},
         providers=providers, baselines=[release], targets=targets, items_per_run=batch_size * BATCHES_PER_RUN,
         repeats=repeats,
+    )] + index_cases(quick)
+
+
+# -- the image index: a dataset's first start against a cached one --------------------------------
+
+INDEX_FILES = {False: 100_000, True: 10_000}  # by --quick
+INDEX_FILES_PER_CLASS = 100
+INDEX_PHOTOS = 8
+CACHED_START_TARGET = 20.0  # x faster than the first start
+
+
+def _write_index_folder(root: Path, n_files: int) -> Path:
+    """``root/train/n<label>/n<label>_<i>.JPEG``: ``n_files`` hard links to INDEX_PHOTOS photos."""
+    photos = sorted(write_sample_photo_folder(root / "photos", n_images=INDEX_PHOTOS,
+                                              image_size=IMAGE_SIZE).rglob("*.jpg"))
+    train = root / "train"
+    for label in range(n_files // INDEX_FILES_PER_CLASS):
+        synset = f"n{label:08d}"
+        (train / synset).mkdir(parents=True)
+        for i in range(INDEX_FILES_PER_CLASS):
+            os.link(photos[(label + i) % INDEX_PHOTOS], train / synset / f"{synset}_{i}.JPEG")
+    return train
+
+
+def _peak_traced_bytes(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def index_cases(quick: bool):
+    """First start (its setup deletes the cache) vs cached start, which must be at least
+    CACHED_START_TARGET x faster; the listing alone shows what a cached start is made of."""
+    n_files = INDEX_FILES[quick]
+    root = Path(tempfile.mkdtemp(prefix="fastdino-bench-index-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    train = _write_index_folder(root, n_files)
+    cache_dir = root / "cache"
+
+    def forget_the_cache():
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+    def start(_=None):
+        return image_files.scan_images(train, verbose=False, cache_dir=cache_dir)
+
+    forget_the_cache()
+    first_peak = _peak_traced_bytes(start)
+    cached_peak = _peak_traced_bytes(start)
+    index = start()
+    first, cached = "first start (checks every file)", "cached start"
+    providers = [Provider(first, start, setup=forget_the_cache), Provider(cached, start),
+                 Provider("listing alone (a stat per file)", lambda _: image_files.list_images(train))]
+    cores = len(os.sched_getaffinity(0))
+    return [Case(
+        suite="data", name="image index start-up", dtype="-",
+        sizes={"files": n_files, "classes": n_files // INDEX_FILES_PER_CLASS,
+               "images": f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG photos", "cpu_cores": cores,
+               "check": image_files.jpeg_checker(),
+               "peak_MiB_first_cached": f"{first_peak / 2**20:.0f}/{cached_peak / 2**20:.0f}",
+               "index_bytes_per_image": round(index.nbytes / len(index), 1)},
+        providers=providers, baselines=[first],
+        # the target is the issue's, for 100k files: a smaller folder's cached start is mostly
+        # fixed costs (threads, reading the cache)
+        targets=[] if quick else [Target(cached, first, CACHED_START_TARGET)],
+        items_per_run=n_files, repeats=1 if quick else 2,
     )]
