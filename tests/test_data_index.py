@@ -84,6 +84,9 @@ def test_the_second_start_reads_the_cache_and_opens_no_file(folder, tmp_path, ch
     assert "index: cached (" in capsys.readouterr().err
     assert list(second.paths) == list(first.paths)
     assert np.array_equal(second.sizes, first.sizes) and np.array_equal(second.labels, first.labels)
+    scan(folder, tmp_path / "elsewhere", use_cache=False)
+    assert len(checked_files) == 24 and not (tmp_path / "elsewhere").exists()
+    assert "index: rebuilt (use_cache=False): checked 12 files" in capsys.readouterr().err
 
 
 def rewrite_keeping_size(path):
@@ -177,10 +180,12 @@ def test_random_bytes_in_the_middle_and_png_damage_are_found(tmp_path):
 def test_without_simplejpeg_pil_checks_and_the_cache_is_not_shared(folder, tmp_path, monkeypatch, capsys):
     scan(folder, tmp_path / "cache")
     monkeypatch.setattr(image_files, "_import_simplejpeg", lambda: None)
+    image_files._say_the_check_is_lenient.cache_clear()
     corrupt_the_middle(folder / "class_0" / "image_00003.jpg", STRAY_MARKERS)  # an error for PIL too
     with pytest.raises(ImageFolderError, match="image_00003.jpg: corrupt JPEG data"):
         scan(folder, tmp_path / "cache")
-    assert "was made by another checker" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "simplejpeg is not installed" in err and "was made by another checker" in err
 
 
 def test_unreadable_folders_and_dangling_symlinks_are_reported(folder, tmp_path, monkeypatch, capsys):
