@@ -12,8 +12,9 @@ and data corrupt in the middle of a file. JPEGs are entropy-decoded in full by l
 read) in strict mode: what libjpeg only warns about ("Corrupt JPEG data: premature end of data
 segment", "bad Huffman code") fails the check. DALI's decoder trains on such files, printing that
 warning without the file's name; PIL decodes some of them silently and raises on others, so
-without the check the two backends would disagree. Without ``simplejpeg`` the check falls back to PIL's 1/8-scale decode,
-which misses the warnings (said once at start-up). PNGs: every chunk's CRC (``Image.verify``).
+without the check the two backends would disagree. Without ``simplejpeg`` the check falls back to
+PIL's 1/8-scale decode, which misses the warnings (said once at start-up). PNGs: every chunk's CRC
+(``Image.verify``).
 Unreadable folders, dangling symlinks and files that cannot be stat-ed are reported with the bad
 files, never dropped without a word. Each bad file is named: an ``ImageFolderError`` listing
 them, or with ``skip_bad_files`` a warning listing them and their count.

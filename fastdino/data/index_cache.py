@@ -116,8 +116,10 @@ def _reuse_unchanged(old: Checks, old_bytes, old_offsets, old_stats, listing, pa
     unchanged[present] = (old_stats[matched[present]] == _stat_rows(listing)[present]).all(axis=1)
     checks = Checks.unknown(len(listing))
     checks.sizes[unchanged] = old.sizes[matched[unchanged]]
-    checks.reasons = {int(row): old.reasons[int(matched[row])] for row in np.flatnonzero(unchanged)
-                      if int(matched[row]) in old.reasons}
+    new_row_of_old = np.full(len(old.sizes), -1, dtype=np.int64)
+    new_row_of_old[matched[unchanged]] = np.flatnonzero(unchanged)
+    checks.reasons = {int(new_row_of_old[row]): reason for row, reason in old.reasons.items()
+                      if new_row_of_old[row] >= 0}
     added, changed = int((~present).sum()), int((present & ~unchanged).sum())
     removed = len(old_rows) - int(present.sum())
     why = ", ".join(f"{count} {what}" for count, what in
