@@ -3,6 +3,7 @@
 import os
 import random
 import socket
+import tempfile
 import zlib
 
 import numpy as np
@@ -15,6 +16,9 @@ if not torch.cuda.is_available():
 # The tests choose backends themselves; a process-wide override would silently redirect them.
 for variable in ("FASTDINO_BACKEND", "FASTDINO_ATTENTION", "FASTDINO_DATA_BACKEND"):
     os.environ.pop(variable, None)
+# Image indexes go to a folder of this test session (and of the processes it starts), not to
+# the user's ~/.cache: no test reads an index another run left.
+os.environ["FASTDINO_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastdino-test-cache-")
 
 import pytest  # noqa: E402
 
