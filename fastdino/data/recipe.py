@@ -27,6 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Colour-jitter adjustments, in torchvision's ColorJitter order; NO_ADJUSTMENT pads the order
 # of crops that are not jittered.
 BRIGHTNESS, CONTRAST, SATURATION, HUE, NO_ADJUSTMENT = range(5)
+RESIZED_CROP_ATTEMPTS = 10  # RandomResizedCrop's tries before its central fallback
 
 
 @dataclass(frozen=True)
@@ -120,56 +121,86 @@ def batch_generator(seed: int, epoch: int, shard_id: int, step: int) -> np.rando
 
 def sample_crop_parameters(recipe: MultiCropRecipe, n_local_crops: int, image_sizes: np.ndarray,
                            generator: np.random.Generator) -> list[CropParameters]:
-    """Draws for every crop (global first) of a batch; image_sizes: (B, 2) int (height, width)."""
+    """Draws for every crop (global first) of a batch; image_sizes: (B, 2) int (height, width).
+
+    The generator is called crop after crop in one fixed order; what follows from the draws
+    (boxes, jitter orders, the comparisons with the probabilities) is then computed for all
+    crops at once: on B-long arrays NumPy's cost is per call rather than per element."""
     image_sizes = np.asarray(image_sizes, dtype=np.int64).reshape(-1, 2)
-    crops = []
-    for crop_index in range(2 + n_local_crops):
-        kind = recipe.crop_kind(crop_index)
+    batch, n_crops = len(image_sizes), 2 + n_local_crops
+    kinds = [recipe.crop_kind(i) for i in range(n_crops)]
+    fields = ("jitter", "order", "blur", "area", "log_ratio", "top", "left", "flip", "brightness", "contrast",
+              "saturation", "hue", "grayscale", "sigma", "solarize")
+    draws = {name: [] for name in fields}
+    for crop_index, kind in enumerate(kinds):
         scale = recipe.global_crop_scale if crop_index < 2 else recipe.local_crop_scale
-        crops.append(_sample_one_crop(recipe, kind, scale, image_sizes, generator))
-    return crops
+        # one crop's draws; their order fixes every batch of every seed, resumed runs' included
+        crop_draws = (generator.random(batch), generator.random((batch, 4)), generator.random(batch),
+                      *_box_draws(batch, scale, recipe.aspect_ratio, generator, RESIZED_CROP_ATTEMPTS),
+                      generator.random(batch), _factors(generator, batch, recipe.brightness),
+                      _factors(generator, batch, recipe.contrast), _factors(generator, batch, recipe.saturation),
+                      generator.uniform(-recipe.hue, recipe.hue, batch), generator.random(batch),
+                      generator.uniform(*recipe.blur_sigma, batch), generator.random(batch))
+        for name, values in zip(fields, crop_draws):
+            draws[name].append(values)
+    draws = {name: np.stack(values) for name, values in draws.items()}  # (n_crops, B, ...)
 
-
-def _sample_one_crop(recipe, kind, scale, image_sizes, generator) -> CropParameters:
-    batch = len(image_sizes)
-    jitter = generator.random(batch) < recipe.color_jitter_probability
-    order = np.argsort(generator.random((batch, 4)), axis=1)  # a uniform random permutation
-    order[~jitter] = NO_ADJUSTMENT
-    blur = generator.random(batch) < recipe.blur_probabilities[kind]
-    return CropParameters(
-        box=random_resized_crop_boxes(image_sizes, scale, recipe.aspect_ratio, generator),
-        flip=generator.random(batch) < recipe.flip_probability,
+    blur_probability = np.array([recipe.blur_probabilities[kind] for kind in kinds])[:, None]
+    solarize_probability = np.array([recipe.solarize_probabilities[kind] for kind in kinds])[:, None]
+    order = np.argsort(draws["order"], axis=2)  # a uniform random permutation
+    order[~(draws["jitter"] < recipe.color_jitter_probability)] = NO_ADJUSTMENT
+    rows = n_crops * batch
+    boxes = _boxes_from_draws(np.tile(image_sizes, (n_crops, 1)), recipe.aspect_ratio,  # crop-major rows
+                              draws["area"].reshape(rows, -1), draws["log_ratio"].reshape(rows, -1),
+                              draws["top"].reshape(rows), draws["left"].reshape(rows))
+    derived = dict(
+        box=boxes.reshape(n_crops, batch, 4),
+        flip=draws["flip"] < recipe.flip_probability,
         jitter_order=order,
-        brightness=_factors(generator, batch, recipe.brightness),
-        contrast=_factors(generator, batch, recipe.contrast),
-        saturation=_factors(generator, batch, recipe.saturation),
-        hue=generator.uniform(-recipe.hue, recipe.hue, batch).astype(np.float32),
-        grayscale=generator.random(batch) < recipe.grayscale_probability,
-        blur=blur,
-        blur_sigma=generator.uniform(*recipe.blur_sigma, batch).astype(np.float32),
-        solarize=generator.random(batch) < recipe.solarize_probabilities[kind],
+        brightness=draws["brightness"].astype(np.float32),
+        contrast=draws["contrast"].astype(np.float32),
+        saturation=draws["saturation"].astype(np.float32),
+        hue=draws["hue"].astype(np.float32),
+        grayscale=draws["grayscale"] < recipe.grayscale_probability,
+        blur=draws["blur"] < blur_probability,
+        blur_sigma=draws["sigma"].astype(np.float32),
+        solarize=draws["solarize"] < solarize_probability,
     )
+    return [CropParameters(**{name: values[i] for name, values in derived.items()}) for i in range(n_crops)]
 
 
 def _factors(generator, batch, strength):
     # ColorJitter's factor range for brightness/contrast/saturation: [max(0, 1 - s), 1 + s]
-    return generator.uniform(max(0.0, 1 - strength), 1 + strength, batch).astype(np.float32)
+    return generator.uniform(max(0.0, 1 - strength), 1 + strength, batch)
 
 
 def random_resized_crop_boxes(image_sizes: np.ndarray, scale: tuple[float, float],
                               aspect_ratio: tuple[float, float],
-                              generator: np.random.Generator, attempts: int = 10) -> np.ndarray:
+                              generator: np.random.Generator, attempts: int = RESIZED_CROP_ATTEMPTS) -> np.ndarray:
     """torchvision's ``RandomResizedCrop.get_params``, vectorized over images.
 
     Up to ``attempts`` (area fraction, log-uniform aspect ratio) tries; the first that fits the
     image wins; otherwise a central crop with the aspect ratio clamped to the range.
     Returns (B, 4) int64 boxes: top, left, height, width.
     """
+    return _boxes_from_draws(image_sizes, aspect_ratio,
+                             *_box_draws(len(image_sizes), scale, aspect_ratio, generator, attempts))
+
+
+def _box_draws(batch, scale, aspect_ratio, generator, attempts):
+    """``random_resized_crop_boxes``' draws in its order: the tries' area fractions and log
+    aspect ratios (B, attempts), then the uniforms (B,) placing the box vertically and
+    horizontally."""
+    return (generator.uniform(scale[0], scale[1], (batch, attempts)),
+            generator.uniform(math.log(aspect_ratio[0]), math.log(aspect_ratio[1]), (batch, attempts)),
+            generator.random(batch), generator.random(batch))
+
+
+def _boxes_from_draws(image_sizes, aspect_ratio, area_fraction, log_ratio, top_uniform, left_uniform):
     heights, widths = image_sizes[:, 0:1], image_sizes[:, 1:2]
     batch = len(image_sizes)
     area = (heights * widths).astype(np.float64)
-    target_area = area * generator.uniform(scale[0], scale[1], (batch, attempts))
-    log_ratio = generator.uniform(math.log(aspect_ratio[0]), math.log(aspect_ratio[1]), (batch, attempts))
+    target_area = area * area_fraction
     ratio = np.exp(log_ratio)
     crop_w = np.round(np.sqrt(target_area * ratio)).astype(np.int64)
     crop_h = np.round(np.sqrt(target_area / ratio)).astype(np.int64)
@@ -191,8 +222,8 @@ def random_resized_crop_boxes(image_sizes: np.ndarray, scale: tuple[float, float
     width = np.where(found, width, fallback_w)
 
     # the position: uniform over the placements that fit (torch.randint(0, H - h + 1))
-    top_random = np.floor(generator.random(batch) * (heights[:, 0] - height + 1)).astype(np.int64)
-    left_random = np.floor(generator.random(batch) * (widths[:, 0] - width + 1)).astype(np.int64)
+    top_random = np.floor(top_uniform * (heights[:, 0] - height + 1)).astype(np.int64)
+    left_random = np.floor(left_uniform * (widths[:, 0] - width + 1)).astype(np.int64)
     top = np.where(found, top_random, (heights[:, 0] - height) // 2)
     left = np.where(found, left_random, (widths[:, 0] - width) // 2)
     return np.stack([top, left, height, width], axis=1)
