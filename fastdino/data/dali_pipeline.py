@@ -33,6 +33,8 @@ Known differences from the PIL path of the release (documented in the README):
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -61,28 +63,38 @@ def import_dali():
     return fn, dali_math, types, pipeline_def
 
 
-def pack_crop_parameters(crop: CropParameters, blur_kernel_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample inputs of one crop: (B, N_CROP_PARAMETERS) float32 parameter rows and
-    (B, 7, 3) float32 colour maps (rows 0-2: A, 3-5: P, 6: q; see ``color_transform``)."""
-    top, left, height, width = (crop.box[:, i].astype(np.float32) for i in range(4))
-    packed = np.zeros((len(crop.box), N_CROP_PARAMETERS), dtype=np.float32)
+def pack_crop_parameters(crops: list[CropParameters], blur_kernel_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample inputs of every crop of a batch: (B, n_crops, N_CROP_PARAMETERS) float32
+    parameter rows and (B, n_crops, 7, 3) float32 colour maps (rows 0-2: A, 3-5: P, 6: q; see
+    ``color_transform``), crop i of image b at [b, i]. All crops go through one
+    ``color_transform``: on (B, 3, 3) arrays NumPy's cost is per call, not per element, so one
+    call on n_crops x B rows costs about what one crop's did."""
+    n_crops, batch = len(crops), len(crops[0].box)
+    rows = CropParameters(**{field.name: np.concatenate([getattr(crop, field.name) for crop in crops])
+                             for field in dataclasses.fields(CropParameters)})
+    top, left, height, width = (rows.box[:, i].astype(np.float32) for i in range(4))
+    packed = np.zeros((n_crops * batch, N_CROP_PARAMETERS), dtype=np.float32)
     packed[:, _ROI_START] = np.stack([top, left], axis=1)
     packed[:, _ROI_END] = np.stack([top + height, left + width], axis=1)
-    packed[:, _FLIP] = crop.flip
-    packed[:, _BLUR] = crop.blur
-    packed[:, _SIGMA] = crop.blur_sigma
+    packed[:, _FLIP] = rows.flip
+    packed[:, _BLUR] = rows.blur
+    packed[:, _SIGMA] = rows.blur_sigma
     # taps beyond 3 sigma hold 0.3% of the weight: a narrower window for small sigmas makes the
     # blur (the costliest augmentation on a CPU) 2.5x cheaper on average
-    packed[:, _WINDOW] = np.minimum(blur_kernel_size, 2 * np.ceil(3 * crop.blur_sigma) + 1)
-    packed[:, _SOLARIZE] = crop.solarize
-    linear, from_mean, offset = color_transform(crop)
-    return packed, np.concatenate([linear, from_mean, offset[:, None]], axis=1).astype(np.float32)
+    packed[:, _WINDOW] = np.minimum(blur_kernel_size, 2 * np.ceil(3 * rows.blur_sigma) + 1)
+    packed[:, _SOLARIZE] = rows.solarize
+    linear, from_mean, offset = color_transform(rows)
+    colors = np.concatenate([linear, from_mean, offset[:, None]], axis=1).astype(np.float32)
+    # one sample per image, as DALI takes them: two inputs to feed rather than two per crop
+    return (np.ascontiguousarray(packed.reshape(n_crops, batch, N_CROP_PARAMETERS).swapaxes(0, 1)),
+            np.ascontiguousarray(colors.reshape(n_crops, batch, 7, 3).swapaxes(0, 1)))
 
 
 def color_transform(crop: CropParameters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(A, P, q), each (B, 3, 3) / (B, 3, 3) / (B, 3): the jittered-and-grayscaled colour of
-    pixel x is A x + P mu + q, with mu the crop's mean colour (RGB, 0..255). Vectorized over the
-    batch: this runs on the host for every crop of every batch."""
+    pixel x is A x + P mu + q, with mu the crop's mean colour (RGB, 0..255). Vectorized over
+    rows, which may be the images of one crop or all crops of a batch (``pack_crop_parameters``):
+    each row's map depends on its own draws only."""
     batch = len(crop.box)
     identity = np.broadcast_to(np.eye(3), (batch, 3, 3))
     to_luma = np.outer(_ONES, _LUMA)  # x -> its luma in all three channels
@@ -127,13 +139,11 @@ def build_dali_pipeline(source, recipe: MultiCropRecipe, n_local_crops: int, bat
                         prefetch_queue_depth: int = 2):
     """A built DALI pipeline whose outputs are the normalized crops (CHW), global crops first.
 
-    source: a callable returning, per batch, ``(encoded_images, params_0, colors_0, params_1,
-    ...)``: a list of uint8 arrays (the files' bytes) and, for each crop, the lists of per-sample
-    arrays of ``pack_crop_parameters``.
+    source: a callable returning, per batch, ``(encoded_images, params, colors)``: a list of
+    uint8 arrays (the files' bytes) and the arrays of ``pack_crop_parameters``.
     """
     fn, dali_math, types, pipeline_def = import_dali()
     on_gpu = device_id is not None
-    n_crops = 2 + n_local_crops
     output_type = types.FLOAT16 if half_precision else types.FLOAT
 
     def augment(decoded, params, colors, size, crop_kind):
@@ -153,12 +163,11 @@ def build_dali_pipeline(source, recipe: MultiCropRecipe, n_local_crops: int, bat
 
     @pipeline_def(enable_conditionals=True)
     def multicrop_pipeline():
-        encoded, *crop_inputs = fn.external_source(
-            source=source, num_outputs=1 + 2 * n_crops, batch=True,
-            dtype=[types.UINT8] + [types.FLOAT] * (2 * n_crops))
+        encoded, params, colors = fn.external_source(source=source, num_outputs=3, batch=True,
+                                                     dtype=[types.UINT8, types.FLOAT, types.FLOAT])
         decoded = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
                                     adjust_orientation=False)  # PIL, hence the release, ignores EXIF
-        return tuple(augment(decoded, crop_inputs[2 * i], crop_inputs[2 * i + 1], size, recipe.crop_kind(i))
+        return tuple(augment(decoded, params[i], colors[i], size, recipe.crop_kind(i))
                      for i, size in enumerate(recipe.crop_sizes(n_local_crops)))
 
     pipeline = multicrop_pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,

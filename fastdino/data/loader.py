@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import queue
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -107,7 +109,7 @@ class MultiCropLoader:
     ``batches_per_step`` batches (gradient accumulation). See ``build_multicrop_loader``."""
 
     def __init__(self, plan: BatchPlan, backend: str, device: torch.device, dtype: torch.dtype,
-                 num_threads: int, batches_per_step: int = 1):
+                 num_threads: int, batches_per_step: int = 1, prefetch_batches: int = 2):
         if not 1 <= batches_per_step <= plan.steps_per_epoch:
             raise ValueError(f"batches_per_step={batches_per_step}: an epoch of this shard has "
                              f"{plan.steps_per_epoch} batches of batch_size={plan.batch_size}")
@@ -116,6 +118,7 @@ class MultiCropLoader:
         self.device = device
         self.dtype = dtype
         self.num_threads = num_threads
+        self.prefetch_batches = prefetch_batches
         self.batches_per_step = batches_per_step
         # An epoch's leftover batches that do not fill a step are never read.
         self.steps_per_epoch = plan.steps_per_epoch // batches_per_step
@@ -182,32 +185,121 @@ class MultiCropLoader:
         self._stream = None  # release the previous pipeline or workers first
         positions = self.plan.positions(self.epoch, self.step, len(self))
         if self.backend_name == "dali":
-            self._stream = _dali_stream(self.plan, positions, self.device, self.dtype, self.num_threads)
+            self._stream = _dali_stream(self.plan, positions, self.device, self.dtype, self.num_threads,
+                                        self.prefetch_batches)
         else:
             self._stream = _torchvision_stream(self.plan, positions, self.device, self.dtype, self.num_threads)
         self._stream_position = (self.epoch, self.step)
 
 
-def _dali_stream(plan: BatchPlan, positions, device, dtype, num_threads):
-    from .dali_pipeline import build_dali_pipeline, dali_outputs_to_torch, pack_crop_parameters
+def dali_batch_inputs(plan: BatchPlan, epoch: int, step: int):
+    """(paths, inputs) of batch (epoch, step), where inputs are what the DALI pipeline's external
+    source takes (``build_dali_pipeline``): the files' bytes, every crop's parameter rows and
+    colour maps. The host's share of a batch, a pure function of its position."""
+    from .dali_pipeline import pack_crop_parameters
+
+    paths, crops = plan.request(epoch, step)
+    encoded = []
+    for path in paths:
+        try:
+            encoded.append(np.fromfile(path, dtype=np.uint8))
+        except OSError as error:
+            raise DataLoadingError(f"could not read {path!r}, an image of batch epoch={epoch}, step={step} "
+                                   f"({type(error).__name__}: {error}); it was readable when the dataset "
+                                   f"was scanned") from error
+    return paths, (encoded, *pack_crop_parameters(crops, plan.recipe.blur_kernel_size))
+
+
+class _Raised:
+    """An exception of the worker thread, handed over in place of its item."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+class _PrefetchThread(threading.Thread):
+    def __init__(self, make_items, depth: int, name: str):
+        super().__init__(name=name, daemon=True)
+        self.make_items = make_items
+        self.ready = queue.Queue(maxsize=depth)
+        self.stopping = threading.Event()
+        self.start()
+
+    def run(self):
+        items = None
+        try:
+            items = self.make_items()
+            for item in items:
+                if not self._hand_over(item):
+                    break
+            else:
+                self._hand_over(_END)
+        except BaseException as error:
+            self._hand_over(_Raised(error))
+        finally:
+            if hasattr(items, "close"):
+                items.close()  # its clean-up runs in the thread that ran it
+
+    def _hand_over(self, item) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+def prefetch_in_thread(make_items, depth: int, name: str = "fastdino-prefetch") -> Iterator:
+    """The items of the iterator ``make_items()``, which a worker thread creates and runs, keeping
+    up to ``depth`` items ready. An exception there is raised here, in its item's place; closing
+    this generator stops the worker and waits for it."""
+    if depth < 1:
+        raise ValueError(f"prefetch depth {depth}: must be >= 1")
+    worker = _PrefetchThread(make_items, depth, name)
+    try:
+        while (item := worker.ready.get()) is not _END:
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        worker.stopping.set()
+        worker.join()
+
+
+def _dali_batches(plan: BatchPlan, positions, device, dtype, num_threads) -> Iterator[list[torch.Tensor]]:
+    """The DALI pipeline's batches, driven by the thread that iterates this (``_dali_stream``)."""
+    from .dali_pipeline import build_dali_pipeline, dali_outputs_to_torch
 
     in_flight = collections.deque()  # paths of the batches fed and not yet returned, for errors
+    failed = []  # the error of the batch whose inputs could not be made
 
     def next_batch_inputs():
-        paths, crops = plan.request(*next(positions))
+        try:
+            paths, inputs = dali_batch_inputs(plan, *next(positions))
+        except Exception as error:
+            # DALI's end of data: it still hands out the batches fed before this one, and the
+            # error comes in this batch's place
+            failed.append(error)
+            raise StopIteration from error
         in_flight.append(paths)
-        encoded = [np.fromfile(path, dtype=np.uint8) for path in paths]
-        per_crop = [list(array) for crop in crops for array in pack_crop_parameters(crop, plan.recipe.blur_kernel_size)]
-        return (encoded, *per_crop)
+        return inputs
 
     on_gpu = device.type == "cuda"
     pipeline = build_dali_pipeline(
         next_batch_inputs, plan.recipe, plan.n_local_crops, plan.batch_size, num_threads,
-        device_id=(device.index if device.index is not None else torch.cuda.current_device()) if on_gpu else None,
-        half_precision=dtype in (torch.float16, torch.bfloat16))
+        device_id=device.index if on_gpu else None, half_precision=dtype in (torch.float16, torch.bfloat16))
+    if on_gpu:
+        torch.cuda.set_device(device)  # this thread's own current device
+        copy_stream = torch.cuda.Stream(device)
     while True:
         try:
             outputs = pipeline.run()
+        except StopIteration:
+            break
         except Exception as error:
             paths = in_flight[0] if in_flight else []
             raise DataLoadingError(
@@ -215,7 +307,44 @@ def _dali_stream(plan: BatchPlan, positions, device, dtype, num_threads):
                 f"is a decoding error, one of them is corrupt beyond its header (the torchvision "
                 f"backend names the file): remove it.\n{type(error).__name__}: {error}") from error
         in_flight.popleft()
-        yield dali_outputs_to_torch(outputs, device, dtype)
+        if on_gpu:
+            with torch.cuda.stream(copy_stream):
+                batch = dali_outputs_to_torch(outputs, device, dtype)
+            # done before DALI's next run may reuse its output buffers, and before the training
+            # thread gets the batch: this thread waits, not the training thread
+            copy_stream.synchronize()
+        else:
+            batch = dali_outputs_to_torch(outputs, device, dtype)
+        yield batch
+    raise failed[0]  # in the place of the batch whose inputs failed
+
+
+def _dali_stream(plan: BatchPlan, positions, device, dtype, num_threads, prefetch_batches):
+    """DALI's batches, ``prefetch_batches`` of them kept ready by a worker thread that does the
+    host's whole share of a batch (reading its files, the crop draws and colour maps, feeding
+    DALI, waiting for it, copying its outputs): the training thread only takes finished batches.
+
+    A thread rather than DALI's parallel external source: that source's worker processes would
+    take over the reads, draws and maps only, while feeding DALI and copying its outputs (about
+    1.5 ms a batch) stay with the thread that runs the pipeline, the training thread; and they
+    cost seconds of start-up at every restart of the stream (spawned: DALI refuses to fork once
+    CUDA is initialized). The thread's price is the GIL: its few milliseconds of Python a batch
+    (benchmarks/bench_data.py) are taken from a training thread running Python at the same
+    time; the reads, NumPy's larger operations and the waits on DALI release it."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the training thread's
+    batches = prefetch_in_thread(lambda: _dali_batches(plan, positions, device, dtype, num_threads),
+                                 prefetch_batches, name="fastdino-dali")
+    try:
+        for batch in batches:
+            if device.type == "cuda":
+                # made on the worker's stream: the allocator must not hand the memory out again
+                # before the training stream is done with it
+                for tensor in batch:
+                    tensor.record_stream(torch.cuda.current_stream(device))
+            yield batch
+    finally:
+        batches.close()
 
 
 class _Requests(torch.utils.data.Sampler):
@@ -248,12 +377,27 @@ def _torchvision_stream(plan: BatchPlan, positions, device, dtype, num_threads):
         yield normalize_uint8_crops(uint8_crops, plan.recipe, device, dtype)
 
 
+def default_num_threads() -> tuple[int, str]:
+    """(threads, how they were chosen): this process's cores shared by the ranks on its node.
+    Every rank's DALI would otherwise start a thread per core of the node."""
+    cores = len(os.sched_getaffinity(0))
+    setting = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    try:
+        local_world_size = int(setting)
+    except ValueError:
+        local_world_size = 0
+    if local_world_size < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE={setting!r}: expected the number of ranks on this node, >= 1")
+    threads = max(1, cores // local_world_size)
+    return threads, f"{threads} threads ({cores} cores / LOCAL_WORLD_SIZE={local_world_size})"
+
+
 def build_multicrop_loader(data_path, batch_size: int, *, n_local_crops: int = 8, backend: str = "auto",
                            device=None, dtype: torch.dtype = torch.float32, shard_id: int = 0,
                            num_shards: int = 1, seed: int = 0, num_threads: int | None = None,
                            recipe: MultiCropRecipe | None = None, skip_bad_files: bool = False,
                            drop_last: bool = True, batches_per_step: int = 1,
-                           verbose: bool = True) -> MultiCropLoader:
+                           verbose: bool = True, prefetch_batches: int = 2) -> MultiCropLoader:
     """DINO multi-crop batches of the JPEG/PNG images under ``data_path``.
 
     data_path: an image folder (class subfolders or flat) or a text file listing image paths.
@@ -268,6 +412,12 @@ def build_multicrop_loader(data_path, batch_size: int, *, n_local_crops: int = 8
     naming them, or are left out and counted with ``skip_bad_files=True``.
     batches_per_step: the micro-batches of one optimizer step (gradient accumulation), which
     ``MultiCropLoader.steps`` yields together; an epoch then ends after the last full group.
+    num_threads: DALI's CPU threads or the torchvision backend's worker processes; by default
+    this process's cores (``os.sched_getaffinity``) divided by ``LOCAL_WORLD_SIZE`` (the ranks
+    on this node, as torchrun sets it), at least 1.
+    prefetch_batches: DALI backend: finished batches a worker thread keeps ready (it reads the
+    files, draws the crops and drives DALI off the training thread); the batches do not depend
+    on it.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
@@ -281,13 +431,19 @@ def build_multicrop_loader(data_path, batch_size: int, *, n_local_crops: int = 8
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     chosen = resolve_data_backend(backend)
-    num_threads = num_threads or len(os.sched_getaffinity(0))
+    if prefetch_batches < 1:
+        raise ValueError(f"prefetch_batches={prefetch_batches}: must be >= 1")
+    threads_source = f"{num_threads} threads"
+    if num_threads is None:
+        num_threads, threads_source = default_num_threads()
+    elif num_threads < 1:
+        raise ValueError(f"num_threads={num_threads}: must be >= 1")
     index = scan_images(data_path, skip_bad_files=skip_bad_files, verbose=verbose and shard_id == 0)
     plan = BatchPlan(index, batch_size, recipe or MultiCropRecipe(), n_local_crops, seed, shard_id,
                      num_shards, drop_last)
-    loader = MultiCropLoader(plan, chosen, device, dtype, num_threads, batches_per_step)
+    loader = MultiCropLoader(plan, chosen, device, dtype, num_threads, batches_per_step, prefetch_batches)
     if verbose and shard_id == 0:
         skipped = f", {len(index.skipped)} bad files skipped" if index.skipped else ""
         logger.info(f"{loader.backend} backend, {len(index)} images{skipped}, {num_shards} shard(s) of "
-                    f"{len(loader)} batches of {batch_size}, 2+{n_local_crops} crops, {num_threads} threads")
+                    f"{len(loader)} batches of {batch_size}, 2+{n_local_crops} crops, {threads_source}")
     return loader
