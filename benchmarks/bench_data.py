@@ -9,6 +9,12 @@ workers hand over batches in bursts (prefetching) are measured over a whole burs
 Providers: "release torchvision recipe" (``DataAugmentationDINO`` + ``ImageFolder`` +
 ``DataLoader``, as main_dino.py), "fastdino torchvision" (the fallback backend) and
 "fastdino dali-cpu" / "fastdino dali-gpu" (DALI on this machine's device).
+
+Host side of the DALI backend, on the CPU: the milliseconds of each part of a batch's host work
+(``host_work_cases``), and the training thread's data-wait against a stand-in training step of
+fixed duration at the GPU target rate, 64 images per 21 ms (``data_wait_cases``). The GPU
+pipeline's figures are measured by ``benchmarks/run.py --suite gpu``.
+
 Image index start-up (``index_cases``): ``scan_images`` on an ImageNet-like folder (class folders
 of 100 files named like ImageNet's), every file a hard link to one of 8 sample photos of
 ImageNet's typical size (real JPEGs to check, written in seconds, on a warm page cache): the first
@@ -20,22 +26,40 @@ allocations) is measured in one more untimed run of each.
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import shutil
 import tempfile
+import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from baselines import release_multicrop_loader
-from fastdino.data import build_multicrop_loader, dali_available, write_sample_photo_folder
-from fastdino.data import image_files
+from fastdino.data import (
+    BatchPlan,
+    MultiCropRecipe,
+    build_multicrop_loader,
+    dali_available,
+    image_files,
+    scan_images,
+    write_sample_photo_folder,
+)
+from fastdino.data.dali_pipeline import pack_crop_parameters
+from fastdino.data.loader import dali_batch_inputs, prefetch_in_thread
 from measure import Case, Provider, Target
 
 N_LOCAL_CROPS = 10
 IMAGE_SIZE = (500, 375)
 BATCHES_PER_RUN = 4
+# the GPU target, 3000 img/s per GPU (benchmarks/gpu_data.py): a batch of 64 every 21 ms
+TARGET_BATCH, STAND_IN_STEP_S = 64, 64 / 3000
+DATA_WAIT_FRACTION = 0.02  # of the step, at most
+# DALI's CPU operators cost per sample more than per pixel: the smallest images and crops keep
+# the loader's wait nearest to its host side here
+TINY_IMAGE_SIZE, TINY_RECIPE = (64, 48), MultiCropRecipe(global_crop_size=16, local_crop_size=8)
 
 
 def _endless_batches(make_loader):
@@ -85,7 +109,124 @@ def cases(device: torch.device, quick: bool):
                "images": f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG photos", "cpu_threads": threads},
         providers=providers, baselines=[release], targets=targets, items_per_run=batch_size * BATCHES_PER_RUN,
         repeats=repeats,
-    )] + index_cases(quick)
+    )] + host_work_cases(quick) + data_wait_cases(quick) + index_cases(quick)
+
+
+def _photo_plan(batch_size: int, n_batches: int) -> BatchPlan:
+    """The batches of 2 + N_LOCAL_CROPS release-recipe crops over ``n_batches`` x ``batch_size``
+    sample photos."""
+    folder = write_sample_photo_folder(tempfile.mkdtemp(prefix="fastdino-bench-host-"),
+                                       n_images=batch_size * n_batches, image_size=IMAGE_SIZE)
+    index = scan_images(folder, verbose=False, use_cache=False)
+    return BatchPlan(index, batch_size, MultiCropRecipe(), N_LOCAL_CROPS, seed=0, shard_id=0, num_shards=1,
+                     drop_last=True)
+
+
+def _positions(plan: BatchPlan):
+    return plan.positions(0, 0, plan.steps_per_epoch)
+
+
+def host_work_cases(quick: bool):
+    """A batch's host work for the DALI backend, part by part: the colour maps computed a call
+    per crop (as before) or in one call for all crops, the crop draws, the file reads, and all
+    of it (``dali_batch_inputs``, which the loader's worker thread runs)."""
+    plan = _photo_plan(TARGET_BATCH, 2)
+    kernel = plan.recipe.blur_kernel_size
+    positions = _positions(plan)
+
+    def crops():
+        return plan.request(*next(positions))[1]
+
+    def paths():
+        return plan.request(*next(positions))[0]
+
+    per_crop, all_crops = "colour maps, a call per crop (as before)", "colour maps, one call for all crops"
+    providers = [
+        Provider(per_crop, lambda batch_crops: [pack_crop_parameters([crop], kernel) for crop in batch_crops],
+                 setup=crops),
+        Provider(all_crops, lambda batch_crops: pack_crop_parameters(batch_crops, kernel), setup=crops),
+        Provider("crop draws", lambda _: plan.request(*next(positions))),
+        Provider("file reads", lambda batch_paths: [np.fromfile(path, dtype=np.uint8) for path in batch_paths],
+                 setup=paths),
+        Provider("all host inputs of a batch", lambda _: dali_batch_inputs(plan, *next(positions))),
+    ]
+    return [Case(suite="data", name="DALI host work per batch", dtype="float64",
+                 sizes={"batch": TARGET_BATCH, "crops": f"2+{N_LOCAL_CROPS}",
+                        "images": f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG photos", "cpu_threads": 1},
+                 providers=providers, baselines=[per_crop], targets=[Target(all_crops, per_crop, 2.0)],
+                 repeats=10 if quick else 30)]
+
+
+def data_wait_cases(quick: bool):
+    """The training thread's wait for its next batch after a stand-in training step that sleeps
+    21 ms (the GPU target rate at batch 64; a sleep leaves the GIL to the loader's threads, as a
+    GPU step does while it waits for the device). The "x vs stand-in step" column is the step
+    over the wait: at least 1 / DATA_WAIT_FRACTION = 50 meets the target.
+
+    Providers: the batch's host inputs computed on the training thread (what the DALI source did
+    before), the same from ``prefetch_in_thread`` (what the loader's worker thread does), and the
+    whole DALI CPU loader on tiny images and crops, whose CPU operators take longer than the step
+    on a small CPU: there the wait is theirs, not the host side's."""
+    plan = _photo_plan(TARGET_BATCH, 2)
+    positions = _positions(plan)
+    prefetched = prefetch_in_thread(lambda: (dali_batch_inputs(plan, *position) for position in _positions(plan)),
+                                    depth=2, name="bench-host-inputs")
+
+    def stand_in_step():
+        time.sleep(STAND_IN_STEP_S)
+
+    stand_in = f"stand-in step (sleep {STAND_IN_STEP_S * 1e3:.0f} ms)"
+    inline = "host inputs on the training thread (before)"
+    threaded = "host inputs from the prefetch thread"
+    providers = [Provider(stand_in, lambda _: stand_in_step()),
+                 Provider(inline, lambda _: dali_batch_inputs(plan, *next(positions)), setup=stand_in_step),
+                 Provider(threaded, lambda _: next(prefetched), setup=stand_in_step)]
+    if dali_available():
+        tiny = write_sample_photo_folder(tempfile.mkdtemp(prefix="fastdino-bench-tiny-"), n_images=TARGET_BATCH * 2,
+                                         image_size=TINY_IMAGE_SIZE)
+        loader = build_multicrop_loader(tiny, TARGET_BATCH, n_local_crops=N_LOCAL_CROPS, backend="dali", device="cpu",
+                                        recipe=TINY_RECIPE, verbose=False)
+        batches = itertools.chain.from_iterable(batch for _, batch in loader.steps())
+        providers.append(Provider(f"DALI CPU loader, {TINY_IMAGE_SIZE[0]}x{TINY_IMAGE_SIZE[1]} images, "
+                                  f"{TINY_RECIPE.global_crop_size}/{TINY_RECIPE.local_crop_size} px crops "
+                                  f"({loader.num_threads} threads)", lambda _: next(batches), setup=stand_in_step))
+    sizes = {"batch": TARGET_BATCH, "crops": f"2+{N_LOCAL_CROPS}", "step_ms": round(STAND_IN_STEP_S * 1e3, 1),
+             "images": f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG photos"}
+    repeats = 10 if quick else 30
+    wait = Case(suite="data", name="training thread's data-wait per stand-in step", dtype="float32", sizes=sizes,
+                providers=providers, baselines=[stand_in], targets=[Target(threaded, stand_in, 1 / DATA_WAIT_FRACTION)],
+                repeats=repeats)
+
+    # The GIL: a step that runs Python for half its time (a GPU step launching its kernels) is
+    # slowed by the worker's Python share, which a sleeping step does not show.
+    python_work = _python_iterations(STAND_IN_STEP_S / 2)
+
+    def python_step():
+        _run_python(python_work)
+        time.sleep(STAND_IN_STEP_S / 2)
+
+    alone = "stand-in step: half Python, half sleep"
+    beside = "the same step, then the next host inputs from the prefetch thread"
+    gil = Case(suite="data", name="stand-in step with Python work beside the prefetch thread", dtype="float32",
+               sizes={**sizes, "python_ms": round(STAND_IN_STEP_S / 2 * 1e3, 1)},
+               providers=[Provider(alone, lambda _: python_step()),
+                          Provider(beside, lambda _: (python_step(), next(prefetched)))],
+               baselines=[alone], repeats=repeats)
+    return [wait, gil]
+
+
+def _run_python(iterations: int) -> None:
+    total = 0
+    for value in range(iterations):  # bytecode: the interpreter can hand the GIL over in between
+        total += value
+
+
+def _python_iterations(seconds: float) -> int:
+    """Loop iterations of ``_run_python`` that take ``seconds`` on this machine, alone."""
+    iterations = 100_000
+    start = time.perf_counter()
+    _run_python(iterations)
+    return max(1, round(iterations * seconds / (time.perf_counter() - start)))
 
 
 # -- the image index: a dataset's first start against a cached one --------------------------------
