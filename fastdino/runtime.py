@@ -366,16 +366,24 @@ class ProgressBar:
             _console().end_status()
 
 
+TRACK_LINE_SECONDS = 5.0
+
+
 def track(iterable: Iterable, total: int, description: str, logger: logging.Logger) -> Iterator:
-    """The items of ``iterable``, with a progress bar on a terminal, else a line every ~10%."""
+    """The items of ``iterable``, with a progress bar on a terminal, else a line every ~10% but
+    at most one per ``TRACK_LINE_SECONDS`` (work that ends sooner prints none)."""
     bar = ProgressBar(total)
     every = max(1, total // 10)
+    last_line = started = time.monotonic()
+    printed = False
     try:
         for count, item in enumerate(iterable, start=1):
             yield item
             if bar.enabled:
                 bar.update(count, description)
-            elif count % every == 0 or count == total:
-                logger.info(f"{description}: {count}/{total}")
+            elif (count % every == 0 and time.monotonic() - last_line >= TRACK_LINE_SECONDS) or (
+                    count == total and printed):
+                logger.info(f"{description}: {count}/{total} ({time.monotonic() - started:.0f} s)")
+                last_line, printed = time.monotonic(), True
     finally:
         bar.close()

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+import fastdino.runtime as runtime
 from fastdino.runtime import ProgressBar, atomic_save, get_logger, select_device, track
 
 
@@ -57,10 +58,24 @@ def test_messages_print_above_the_status_line_of_a_terminal(monkeypatch):
     assert terminal.getvalue().endswith(status + "\n")
 
 
-def test_track_logs_a_line_every_tenth_off_a_terminal(stderr):
-    assert list(track(range(20), 20, "train features", get_logger("eval"))) == list(range(20))
+def test_track_logs_a_line_every_tenth_off_a_terminal_but_not_more_often_than_every_few_seconds(
+        stderr, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
+
+    def two_seconds_each(count):
+        for item in range(count):
+            now[0] = 2.0 * (item + 1)
+            yield item
+
+    assert list(track(two_seconds_each(20), 20, "train features", get_logger("eval"))) == list(range(20))
     lines = stderr().splitlines()
-    assert lines == [f"fastdino.eval: train features: {count}/20" for count in range(2, 21, 2)]
+    # a tenth is 2 items (4 s): a line at every other tenth, 5 s or more after the last one
+    assert lines == [f"fastdino.eval: train features: {count}/20 ({2 * count} s)" for count in (4, 8, 12, 16, 20)]
+
+    now[0] = 0.0
+    assert list(track(range(20), 20, "quick work", get_logger("eval"))) == list(range(20))
+    assert "quick work" not in stderr()  # ended within a few seconds: no lines
 
 
 def test_select_device_names_the_device_and_what_is_wrong():

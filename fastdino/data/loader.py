@@ -397,7 +397,8 @@ def build_multicrop_loader(data_path, batch_size: int, *, n_local_crops: int = 8
                            num_shards: int = 1, seed: int = 0, num_threads: int | None = None,
                            recipe: MultiCropRecipe | None = None, skip_bad_files: bool = False,
                            drop_last: bool = True, batches_per_step: int = 1,
-                           verbose: bool = True, prefetch_batches: int = 2) -> MultiCropLoader:
+                           verbose: bool = True, prefetch_batches: int = 2, cache_dir=None,
+                           runtime=None) -> MultiCropLoader:
     """DINO multi-crop batches of the JPEG/PNG images under ``data_path``.
 
     data_path: an image folder (class subfolders or flat) or a text file listing image paths.
@@ -418,6 +419,8 @@ def build_multicrop_loader(data_path, batch_size: int, *, n_local_crops: int = 8
     prefetch_batches: DALI backend: finished batches a worker thread keeps ready (it reads the
     files, draws the crops and drives DALI off the training thread); the batches do not depend
     on it.
+    cache_dir, runtime: where the checked index of the dataset is cached, and the job's
+    ``fastdino.runtime.Runtime`` (rank 0 then scans for every rank): see ``scan_images``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
@@ -438,7 +441,8 @@ def build_multicrop_loader(data_path, batch_size: int, *, n_local_crops: int = 8
         num_threads, threads_source = default_num_threads()
     elif num_threads < 1:
         raise ValueError(f"num_threads={num_threads}: must be >= 1")
-    index = scan_images(data_path, skip_bad_files=skip_bad_files, verbose=verbose and shard_id == 0)
+    index = scan_images(data_path, skip_bad_files=skip_bad_files, verbose=verbose and shard_id == 0,
+                        cache_dir=cache_dir, runtime=runtime)
     plan = BatchPlan(index, batch_size, recipe or MultiCropRecipe(), n_local_crops, seed, shard_id,
                      num_shards, drop_last)
     loader = MultiCropLoader(plan, chosen, device, dtype, num_threads, batches_per_step, prefetch_batches)

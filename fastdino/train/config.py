@@ -147,6 +147,8 @@ class TrainConfig:
                                                        f"{DATA_BACKEND_ENV_VAR} overrides it")
     data_threads: int = _doc(0, "decoding threads/workers per rank; 0: the loader's default (the "
                                 "cores this process may use, divided by LOCAL_WORLD_SIZE)")
+    data_cache_dir: str = _doc("", "where the checked index of each dataset is cached; empty: "
+                                   "$FASTDINO_CACHE_DIR/index, else ~/.cache/fastdino/index")
     skip_bad_files: bool = _doc(False, "leave out files that cannot be decoded (named and counted in a "
                                        "warning) instead of refusing to start")
     synthetic_images: int = _doc(64, "images generated when data is empty")

@@ -212,7 +212,8 @@ class Trainer:
                 backend=config.data_backend, device=self.device, dtype=torch.float32,
                 shard_id=runtime.rank, num_shards=runtime.world_size, seed=config.seed,
                 num_threads=config.data_threads or None, recipe=config.multicrop_recipe(),
-                skip_bad_files=config.skip_bad_files,
+                skip_bad_files=config.skip_bad_files, cache_dir=config.data_cache_dir or None,
+                runtime=runtime,
                 batches_per_step=config.grad_accumulation_steps, verbose=runtime.is_main)
         except ImageFolderError:
             raise
