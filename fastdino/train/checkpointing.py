@@ -147,9 +147,13 @@ def _read_sharded_extra(path: Path) -> dict:
 def resumable_files(run_dir: Path) -> list[Path]:
     """What ``resume=auto`` may continue from, newest first: the step checkpoints, else a lone
     ``checkpoint.pth`` (the release's name: a folder from the release, or copied by hand)."""
-    steps = [path for _, path in reversed(list_checkpoints(run_dir))]
+    return [path for _, path in reversed(list_checkpoints(run_dir))] or _latest_file(run_dir)
+
+
+def _latest_file(run_dir: Path) -> list[Path]:
+    """``[checkpoint.pth]`` when the folder holds that file, else []."""
     latest = Path(run_dir) / LATEST_CHECKPOINT_NAME
-    return steps or ([latest] if latest.is_file() else [])
+    return [latest] if latest.is_file() else []
 
 
 def newest_resumable_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
@@ -174,9 +178,7 @@ def newest_resumable_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
 def set_aside_checkpoints(run_dir: Path) -> Path | None:
     """Move every checkpoint of ``run_dir`` into a new ``replaced-<time>`` folder (resume=restart):
     a run never overwrites a checkpoint it did not write."""
-    files = [path for _, path in list_checkpoints(run_dir)]
-    latest = Path(run_dir) / LATEST_CHECKPOINT_NAME
-    files += [latest] if latest.is_file() else []
+    files = [path for _, path in list_checkpoints(run_dir)] + _latest_file(run_dir)
     if not files:
         return None
     folder = Path(run_dir) / f"{REPLACED_FOLDER_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"

@@ -26,6 +26,7 @@ INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 # this file in the output directory instead (written on a signal stop, removed at the next start)
 STOPPED_MARKER_NAME = "STOPPED_BY_SIGNAL"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_SIGNAL_NAMES = tuple(signal.Signals(number).name for number in STOP_SIGNALS)
 logger = get_logger("train")
 
 
@@ -79,11 +80,9 @@ class StopSignals:
         if self._pending is not None:
             work, flags = self._pending
             work.wait()
-            if flags.any():
-                names = [signal.Signals(number).name for number in STOP_SIGNALS]
-                decided = self.received or names[int(flags.nonzero()[0])]
-        flags = torch.tensor([name == self.received for name in
-                              (signal.Signals(number).name for number in STOP_SIGNALS)], dtype=torch.int32)
+            if flags.any():  # the same flags on every rank: the same signal named everywhere
+                decided = _SIGNAL_NAMES[int(flags.nonzero()[0])]
+        flags = torch.tensor([name == self.received for name in _SIGNAL_NAMES], dtype=torch.int32)
         self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flags)
         return decided
 

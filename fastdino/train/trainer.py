@@ -287,6 +287,10 @@ class Trainer:
                 f"a checkpoint of an epoch end (--resume PATH)")
         logger.warning(f"{path} was written by {saved_world_size} rank(s), this run has {self.runtime.world_size}: "
                        f"continuing at the start of epoch {epoch}, step {epoch * self.steps_per_epoch} of this run")
+        return self._at_epoch_start(payload, epoch)
+
+    def _at_epoch_start(self, payload: dict, epoch: int) -> dict:
+        """``payload`` with its step and data position moved to the first step of ``epoch`` of this run."""
         return {**payload, "step": epoch * self.steps_per_epoch, "data": {"epoch": epoch, "step": 0}}
 
     def _as_fastdino_payload(self, path: Path, payload: dict) -> dict:
@@ -295,8 +299,7 @@ class Trainer:
         states."""
         epoch = int(payload["epoch"])
         logger.info(f"{path} is a checkpoint of the public DINO release: resuming at the start of epoch {epoch}")
-        return {**payload, "step": epoch * self.steps_per_epoch, "data": {"epoch": epoch, "step": 0},
-                "config": {}, "rng": []}
+        return {**self._at_epoch_start(payload, epoch), "config": {}, "rng": []}
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -309,7 +312,7 @@ class Trainer:
         progress = TrainingProgress(self.stop_step, self.start_step, self.run_dir, enabled=self.runtime.is_main,
                                     tensorboard=config.tensorboard, resumed_from=self.last_good_checkpoint)
         window = _MetricsWindow(self.device)
-        last_metrics, stopped_by = None, None
+        last_metrics = None
         self.student.train()
         self.teacher.train()  # as the release: batch statistics in a convnet teacher
         self.stop_signals.install()
@@ -334,14 +337,7 @@ class Trainer:
                 self.waiting_in = f"the stop-signal all-reduce after step {done}"
                 stopped_by = self.stop_signals.stop_now() if done < self.stop_step else None
                 if stopped_by:
-                    self.stop_signals.drain()
-                    if not checkpoint_now:
-                        self._save_checkpoint(done, window)
-                    if self.runtime.is_main:
-                        (self.run_dir / STOPPED_MARKER_NAME).write_text(json.dumps(
-                            {"signal": stopped_by, "step": done, "checkpoint": str(self.last_good_checkpoint)}))
-                    logger.info(f"stopped by {stopped_by} after step {done} of {self.stop_step}: checkpoint "
-                                f"{self.last_good_checkpoint}; run the same command again to continue")
+                    self._stop_on_signal(stopped_by, done, window, checkpoint_written=checkpoint_now)
                     return TrainResult(self.run_dir, done, last_metrics, self.student, self.teacher,
                                        self.center, stopped_by)
             self.stop_signals.drain()
@@ -356,6 +352,17 @@ class Trainer:
                     f"teacher backbone {self.run_dir / BACKBONE_EXPORT_NAME}, metrics "
                     f"{self.run_dir / METRICS_FILE_NAME}, config {self.run_dir / CONFIG_FILE_NAME}")
         return TrainResult(self.run_dir, self.stop_step, last_metrics, self.student, self.teacher, self.center)
+
+    def _stop_on_signal(self, signal_name: str, step: int, window: _MetricsWindow, checkpoint_written: bool) -> None:
+        """Every rank, after the same ``step``: a checkpoint, and the marker a requeue script reads."""
+        self.stop_signals.drain()
+        if not checkpoint_written:
+            self._save_checkpoint(step, window)
+        if self.runtime.is_main:
+            (self.run_dir / STOPPED_MARKER_NAME).write_text(json.dumps(
+                {"signal": signal_name, "step": step, "checkpoint": str(self.last_good_checkpoint)}))
+        logger.info(f"stopped by {signal_name} after step {step} of {self.stop_step}: checkpoint "
+                    f"{self.last_good_checkpoint}; run the same command again to continue")
 
     def _steps(self, window: _MetricsWindow) -> Iterator[tuple[int, list]]:
         """The loader's (step, micro-batches) up to ``stop_step``, timing the wait for data."""
