@@ -57,8 +57,10 @@ def dino_loss_reference(
     return loss, teacher.sum(0)
 
 
-class _FusedDINOLoss(torch.autograd.Function):
-    """Loss and student gradient from one kernel call; the backward only scales the gradient.
+class FusedGradientLoss(torch.autograd.Function):
+    """A loss whose kernel writes d loss / d student during the forward; the backward only scales
+    that gradient. ``kernel(grad)`` fills ``grad`` and returns (loss, teacher_sum). Shared by
+    ``dino_loss`` and ``soft_cross_entropy``.
 
     float16 logits get a float32 gradient buffer. The gradient of a DINO row, (n_t softmax - Q)
     / (tau_s B n_pairs), is ~1e-6 per entry at K = 65536 and B = 64, and many entries fall below
@@ -70,18 +72,16 @@ class _FusedDINOLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, center, n_global_crops, student_temp, teacher_temp,
-                kernels, overwrite_student_logits):
+    def forward(ctx, student, kernel, overwrite_student_logits, op_name):
         keep_float32 = student.dtype == torch.float16
         if keep_float32:
             grad = torch.empty_like(student, dtype=torch.float32)
         else:
             grad = student if overwrite_student_logits else torch.empty_like(student)
-        loss, teacher_sum = kernels.dino_loss_forward(
-            student, teacher, center, grad, n_global_crops, student_temp, teacher_temp
-        )
+        loss, teacher_sum = kernel(grad)
         ctx.student_grad = grad
         ctx.student_dtype = student.dtype
+        ctx.op_name = op_name
         # float16 + overwrite: the backward writes the float16 gradient into the logits' storage.
         ctx.grad_storage = student.detach() if keep_float32 and overwrite_student_logits else None
         ctx.mark_non_differentiable(teacher_sum)
@@ -92,9 +92,9 @@ class _FusedDINOLoss(torch.autograd.Function):
         grad = ctx.student_grad
         if grad is None:
             raise RuntimeError(
-                "fastdino dino_loss: backward ran twice through the same graph; the fused loss "
+                f"fastdino {ctx.op_name}: backward ran twice through the same graph; the fused loss "
                 "hands its precomputed gradient to the first backward (retain_graph=True is not "
-                "supported). Call dino_loss again, or use backend='torch'."
+                f"supported). Call {ctx.op_name} again, or use backend='torch'."
             )
         ctx.student_grad = None  # free the (rows x K) buffer as soon as autograd has it
         # Reading a CPU scalar is free; on CUDA we scale unconditionally to avoid a host sync.
@@ -106,7 +106,7 @@ class _FusedDINOLoss(torch.autograd.Function):
             if storage is None:
                 storage = torch.empty(grad.shape, dtype=ctx.student_dtype, device=grad.device)
             grad = storage.copy_(grad)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None
 
 
 def _validate(student_logits, teacher_logits, center, n_global_crops, student_temp, teacher_temp):
@@ -215,13 +215,16 @@ def dino_loss(
         )
     else:
         kernels = cpp_extension() if name == "cpp" else triton_kernels()
-        loss, teacher_sum = _FusedDINOLoss.apply(
-            student_logits.contiguous(),
-            teacher_logits.detach().contiguous(),
-            center.detach().reshape(-1).float().contiguous(),
-            n_global_crops, float(student_temp), float(teacher_temp),
-            kernels, overwrite_student_logits,
-        )
+        teacher = teacher_logits.detach().contiguous()
+        center32 = center.detach().reshape(-1).float().contiguous()
+        student = student_logits.contiguous()
+
+        def kernel(grad):
+            return kernels.dino_loss_forward(student, teacher, center32, grad, n_global_crops,
+                                             float(student_temp), float(teacher_temp))
+
+        loss, teacher_sum = FusedGradientLoss.apply(student, kernel, overwrite_student_logits,
+                                                    "dino_loss")
     if check_finite is None:
         check_finite = student_logits.device.type == "cpu"
     if check_finite and not (torch.isfinite(loss) and torch.isfinite(center).all()
