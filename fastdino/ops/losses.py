@@ -1,12 +1,17 @@
-"""Drop-in nn.Module losses: the public DINO release's ``DINOLoss`` and lightly's, on the fused op."""
+"""Drop-in nn.Module losses: the public DINO release's ``DINOLoss``, and lightly's ``DINOLoss``,
+``IBOTPatchLoss`` and ``KoLeoLoss``, on the fused ops (DINOv2's modules: ``fastdino.ops.dinov2``)."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from .center import update_center_
 from .dino_loss import dino_loss
+from .koleo import koleo_loss
+from .soft_cross_entropy import ibot_masks_weight, ibot_patch_loss
 
 
 def teacher_temperature_schedule(
@@ -120,3 +125,79 @@ class LightlyDINOLoss(nn.Module):
         )
         update_center_(self.center, teacher_sum, teacher.shape[0], self.center_momentum)
         return loss
+
+
+class LightlyCenter(nn.Module):
+    """lightly's ``Center`` (``lightly.models.modules.center``, mode "mean"), so that the lightly
+    drop-ins keep its ``center.center`` buffer: the batch center is each rank's mean over its
+    rows, averaged over the ranks."""
+
+    def __init__(self, size, momentum=0.9):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(size))
+        self.momentum = momentum
+
+    @property
+    def value(self):
+        return self.center
+
+    @torch.no_grad()
+    def update_from_sum(self, column_sum, n_rows):
+        batch_center = (column_sum / max(n_rows, 1)).reshape(self.center.shape)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_center)
+            batch_center = batch_center / dist.get_world_size()
+        self.center = self.center * self.momentum + batch_center * (1 - self.momentum)
+
+
+class LightlyIBOTPatchLoss(nn.Module):
+    """Drop-in replacement for ``lightly.loss.IBOTPatchLoss``: lightly's constructor
+    ``(output_dim, teacher_temp=0.04, student_temp=0.1, center_mode="mean", center_momentum=0.9)``
+    and ``forward(teacher_out, student_out, mask)``: (M, K) teacher and student logits of the
+    masked patches, (B, H, W) bool mask with M entries set. The teacher softmax is never
+    materialized (``fastdino.ops.ibot_patch_loss``).
+    """
+
+    def __init__(self, output_dim, teacher_temp=0.04, student_temp=0.1, center_mode="mean",
+                 center_momentum=0.9, backend="auto"):
+        super().__init__()
+        if center_mode != "mean":
+            raise ValueError(f"center_mode={center_mode!r}: only 'mean' is supported (as in lightly)")
+        self.teacher_temp = teacher_temp
+        self.student_temperature = student_temp
+        self.backend = backend
+        self.center = LightlyCenter((1, output_dim), center_momentum)
+
+    def forward(self, teacher_out, student_out, mask):
+        if mask.dtype != torch.bool or mask.dim() != 3:
+            raise ValueError(f"LightlyIBOTPatchLoss: mask must be a (B, H, W) bool tensor, got {mask.dtype} "
+                             f"of shape {tuple(mask.shape)}")
+        masks = mask.flatten(1)
+        loss, teacher_sum = ibot_patch_loss(
+            student_out, teacher_out, self.center.value, ibot_masks_weight(masks), n_crops=masks.shape[0],
+            student_temp=self.student_temperature, teacher_temp=self.teacher_temp, backend=self.backend)
+        self.center.update_from_sum(teacher_sum, teacher_out.shape[0])
+        return loss
+
+
+class LightlyKoLeoLoss(nn.Module):
+    """Drop-in replacement for ``lightly.loss.KoLeoLoss``: ``(p=2, eps=1e-8, topk=1,
+    group_size=None, gather_distributed=False)``, ``forward(x)``; finite where lightly's is not
+    (see fastdino.ops.koleo). ``gather_distributed`` gathers every rank's features first (with
+    gradients flowing back to their rank, summed, as lightly's GatherLayer)."""
+
+    def __init__(self, p=2, eps=1e-8, topk=1, group_size=None, gather_distributed=False):
+        super().__init__()
+        if topk < 1:
+            raise ValueError(f"topk must be positive but is {topk}.")
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be positive but is {group_size}.")
+        self.p, self.eps, self.topk = p, eps, topk
+        self.group_size, self.gather_distributed = group_size, gather_distributed
+
+    def forward(self, x):
+        if self.gather_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.nn.functional import all_gather  # autograd-aware gather
+
+            x = torch.cat(all_gather(F.normalize(x, p=2, dim=-1, eps=self.eps)))
+        return koleo_loss(x, self.eps, topk=self.topk, group_size=self.group_size, p=self.p)
