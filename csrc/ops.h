@@ -1,4 +1,4 @@
-// The three ops of fastdino._C (see OPS_CONTRACT.md) and the small helpers their .cpp files share:
+// The ops of fastdino._C (see OPS_CONTRACT.md) and the small helpers their .cpp files share:
 // argument checks and the chunked parallel loop over a list of tensors.
 #pragma once
 
@@ -27,6 +27,19 @@ void ema_update_(const std::vector<at::Tensor>& teacher, const std::vector<at::T
 
 at::Tensor clip_grad_per_param_(const std::vector<at::Tensor>& grads, double max_norm,
                                 double eps);
+
+std::tuple<at::Tensor, at::Tensor> soft_cross_entropy_forward(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& center,
+    const at::Tensor& weights, const at::Tensor& grad, double student_temp, double teacher_temp,
+    bool teacher_is_probs);
+
+// Sinkhorn-Knopp passes (OPS_CONTRACT.md section 5).
+at::Tensor sinkhorn_column_max(const at::Tensor& logits);
+at::Tensor sinkhorn_exp_(const at::Tensor& logits, const at::Tensor& shift, double inv_temp,
+                         const at::Tensor& out);
+at::Tensor sinkhorn_row_scales(const at::Tensor& E, const at::Tensor& column_scale);
+at::Tensor sinkhorn_column_sums(const at::Tensor& E, const at::Tensor& row_scale);
+void sinkhorn_normalize_rows_(const at::Tensor& E, const at::Tensor& column_scale);
 
 // Defined, on the CPU, contiguous, dtype float32 / bfloat16 / float16. `name` names the argument
 // in the error message ("student", "teacher_tensors[3]", ...).
