@@ -1,8 +1,9 @@
 """Ahead-of-time sm_90 (H100 / H200) compile report of every Triton kernel at production sizes.
 
-No GPU is needed. Each launcher (``dino_loss_forward``, ``ema_update_``, ``clip_grad_per_param_``)
-runs on meta tensors with its kernels replaced by recorders, so the report sees exactly the
-arguments, constexprs and launch options it passes on an H200 (132 SMs). Triton's own argument
+No GPU is needed. Each launcher (``dino_loss_forward``, ``ema_update_``, ``clip_grad_per_param_``,
+``soft_cross_entropy_forward``, the Sinkhorn passes) runs on meta tensors with its kernels
+replaced by recorders, so the report sees exactly the arguments, constexprs and launch options
+it passes on an H200 (132 SMs). Triton's own argument
 binder turns them into the signature, constexprs and 16-byte divisibility hints of a real
 launch, and ``triton.compile`` builds the cubin for sm_90 with the ptxas Triton bundles.
 
@@ -41,7 +42,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from . import clip_grad, dino_loss, ema, tensor_lists
+from . import clip_grad, dino_loss, ema, sinkhorn, soft_cross_entropy, tensor_lists
 
 SM90 = GPUTarget("cuda", 90, 32)
 H200_SMS = 132
@@ -184,7 +185,7 @@ def record_launches(launcher: Callable, *args, **kwargs) -> List[Launch]:
             check_device(tensor, name)
 
     with contextlib.ExitStack() as patches:
-        for module in (dino_loss, ema, clip_grad):
+        for module in (dino_loss, ema, clip_grad, soft_cross_entropy, sinkhorn):
             kernels = [(name, value) for name, value in vars(module).items()
                        if isinstance(value, JITFunction)]
             for name, kernel in kernels:
@@ -299,6 +300,45 @@ def _clip_scenario(grad_dtype: torch.dtype):
                                                          config.clip_grad)
 
 
+# iBOT masked-patch rows per rank: 64 images x 2 global crops x 0.5 (images masked) x 256 patches
+# x 0.3 (mean mask ratio).
+IBOT_ROWS = 2458
+
+
+def _soft_ce_scenario(dtype: torch.dtype, grad_dtype: torch.dtype, teacher_dtype: torch.dtype,
+                      teacher_is_probs: bool):
+    config, _ = _production()
+    K = config.out_dim
+    student = torch.empty(IBOT_ROWS, K, dtype=dtype, device="meta")
+    teacher = torch.empty(IBOT_ROWS, K, dtype=teacher_dtype, device="meta")
+    center = torch.empty(K, dtype=torch.float32, device="meta")
+    weights = torch.empty(IBOT_ROWS, dtype=torch.float32, device="meta")
+    # Training overwrites the student logits with their gradient, except for float16 (float32 grad).
+    grad = student if grad_dtype == dtype else torch.empty(student.shape, dtype=grad_dtype, device="meta")
+    launches = record_launches(soft_cross_entropy.soft_cross_entropy_forward, student, teacher, center,
+                               weights, grad, config.student_temp, config.teacher_temp, teacher_is_probs)
+    return {"rows": IBOT_ROWS, "teacher_rows": IBOT_ROWS, "K": K}, launches
+
+
+def _sinkhorn_scenario(rows: int, logits_dtype: torch.dtype):
+    """All five passes; float32 logits are exponentiated in place."""
+    config, _ = _production()
+    K = config.out_dim
+    logits = torch.empty(rows, K, dtype=logits_dtype, device="meta")
+    E = logits if logits_dtype == torch.float32 else torch.empty(rows, K, dtype=torch.float32, device="meta")
+    column_scale = torch.empty(K, dtype=torch.float32, device="meta")
+    row_scale = torch.empty(rows, dtype=torch.float32, device="meta")
+
+    def passes():
+        shift = sinkhorn.sinkhorn_column_max(logits)
+        sinkhorn.sinkhorn_exp_(logits, shift, 1.0 / config.teacher_temp, E)
+        sinkhorn.sinkhorn_row_scales(E, column_scale)
+        sinkhorn.sinkhorn_column_sums(E, row_scale)
+        sinkhorn.sinkhorn_normalize_rows_(E, column_scale)
+
+    return {"rows": rows, "K": K}, record_launches(passes)
+
+
 # name -> () -> (sizes, launches), at the sizes of the PRESET training run.
 SCENARIOS: Dict[str, Callable[[], Tuple[Dict[str, int], List[Launch]]]] = {
     "dino_loss fp32": functools.partial(_loss_scenario, torch.float32, torch.float32),
@@ -308,6 +348,15 @@ SCENARIOS: Dict[str, Callable[[], Tuple[Dict[str, int], List[Launch]]]] = {
     "ema fp32 teacher": functools.partial(_ema_scenario, torch.float32),
     "ema bf16 teacher": functools.partial(_ema_scenario, torch.bfloat16),
     "clip fp32 grads": functools.partial(_clip_scenario, torch.float32),
+    "soft_ce bf16": functools.partial(_soft_ce_scenario, torch.bfloat16, torch.bfloat16, torch.bfloat16,
+                                      False),
+    "soft_ce fp16, fp32 grad": functools.partial(_soft_ce_scenario, torch.float16, torch.float32,
+                                                 torch.float16, False),
+    "soft_ce bf16, fp32 probs": functools.partial(_soft_ce_scenario, torch.bfloat16, torch.bfloat16,
+                                                  torch.float32, True),
+    # the DINO class-token rows of a rank (2 global crops x 64 images), and the iBOT patch rows
+    "sinkhorn 128 rows bf16": functools.partial(_sinkhorn_scenario, 128, torch.bfloat16),
+    "sinkhorn 2458 rows fp32 in place": functools.partial(_sinkhorn_scenario, IBOT_ROWS, torch.float32),
 }
 
 

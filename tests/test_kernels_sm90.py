@@ -1,7 +1,8 @@
 """Every Triton kernel compiles ahead of time for sm_90 (H100 / H200) at the configurations its
 launcher chooses at production sizes (the vit_small_p8 run: 12 x 64 student rows, 2 x 64 teacher
-rows, K = 65536; the 158 ViT-S/8 + head parameter tensors), without register spills and without
-registers halving occupancy. No GPU needed: see kernels/sm90_report.py. ``pytest -s`` prints the
+rows, K = 65536; the 158 ViT-S/8 + head parameter tensors; the soft cross-entropy and the
+Sinkhorn passes at a rank's 2458 iBOT masked-patch rows and 128 DINO rows), without register
+spills and without registers halving occupancy. No GPU needed: see kernels/sm90_report.py. ``pytest -s`` prints the
 registers, local memory, shared memory and programs per SM of every kernel.
 """
 
@@ -13,7 +14,7 @@ import sys
 
 import pytest
 
-from fastdino.kernels import clip_grad, dino_loss, ema, sm90_report
+from fastdino.kernels import clip_grad, dino_loss, ema, sinkhorn, sm90_report, soft_cross_entropy
 from fastdino.kernels.sm90_report import SCENARIOS, KernelReport, Occupancy
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
@@ -54,10 +55,10 @@ def test_compiles_without_spills_or_lost_occupancy(report, scenario):
 
 @needs_sm90_compiler
 def test_covers_every_kernel_at_production_sizes(report):
-    kernels = {name for module in (dino_loss, ema, clip_grad)
+    kernels = {name for module in (dino_loss, ema, clip_grad, soft_cross_entropy, sinkhorn)
                for name, value in vars(module).items()
                if isinstance(value, (JITFunction, InterpretedFunction)) and name.endswith("_kernel")}
-    assert len(kernels) >= 6, kernels
+    assert len(kernels) >= 13, kernels
     assert kernels <= {row.kernel for row in report}
     sizes = {row.scenario: row.sizes for row in report}
     assert sizes["dino_loss bf16"] == {"crops": 12, "global_crops": 2, "batch": 64, "K": 65536}
@@ -67,6 +68,12 @@ def test_covers_every_kernel_at_production_sizes(report):
     student = [row.config for row in report
                if row.scenario == "dino_loss bf16" and row.kernel == "_student_kernel"]
     assert sorted(config.split()[0] for config in student) == ["NT=1", "NT=2"]
+    assert sizes["soft_ce bf16"] == {"rows": 2458, "teacher_rows": 2458, "K": 65536}
+    assert {sizes[name]["rows"] for name in sizes if name.startswith("sinkhorn")} == {128, 2458}
+    # Both teacher modes of the soft cross-entropy: logits (its teacher pass) and probabilities.
+    soft_ce = {(row.scenario, row.kernel) for row in report if row.scenario.startswith("soft_ce")}
+    assert ("soft_ce bf16", "_teacher_stats_kernel") in soft_ce
+    assert ("soft_ce bf16, fp32 probs", "_column_sums_kernel") in soft_ce
 
 
 @needs_sm90_compiler
