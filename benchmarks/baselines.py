@@ -200,3 +200,70 @@ def release_step_on_copies(student, teacher, crops, values, *, clip_grad, autoca
                            momentum=values.teacher_momentum, teacher_temp=values.teacher_temperature,
                            clip_grad=clip_grad, autocast_dtype=autocast_dtype)
     return step
+
+
+# -- DINOv2 (dinov2/loss/*.py), written as the release writes them ----------------------------
+
+def dinov2_softmax_center_teacher(teacher_output, center, teacher_temp):
+    """DINOLoss / iBOTPatchLoss.softmax_center_teacher (the center update is timed by nobody)."""
+    return F.softmax((teacher_output - center) / teacher_temp, dim=-1)
+
+
+def dinov2_dino_loss(student_output_list, teacher_out_softmaxed_centered_list, student_temp=0.1):
+    """DINOLoss.forward: every student tensor against every teacher tensor."""
+    total_loss = 0
+    for s in student_output_list:
+        lsm = F.log_softmax(s / student_temp, dim=-1)
+        for t in teacher_out_softmaxed_centered_list:
+            loss = torch.sum(t * lsm, dim=-1)
+            total_loss -= loss.mean()
+    return total_loss
+
+
+def dinov2_ibot_forward_masked(student_patch_tokens_masked, teacher_patch_tokens_masked, masks_weight,
+                               n_crops, student_temp=0.1):
+    """iBOTPatchLoss.forward_masked with its PyTorch ``lossfunc`` (public xformers has no
+    ``cross_entropy``, so this is what DINOv2 runs)."""
+    loss = torch.sum(teacher_patch_tokens_masked * F.log_softmax(student_patch_tokens_masked / student_temp, dim=-1),
+                     dim=-1)
+    return -(loss * masks_weight).sum() / n_crops
+
+
+@torch.no_grad()
+def dinov2_sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=3):
+    """DINOLoss.sinkhorn_knopp_teacher on one process."""
+    teacher_output = teacher_output.float()
+    Q = torch.exp(teacher_output / teacher_temp).t()
+    B = Q.shape[1]
+    K = Q.shape[0]
+    sum_Q = torch.sum(Q)
+    Q /= sum_Q
+    for _ in range(n_iterations):
+        sum_of_rows = torch.sum(Q, dim=1, keepdim=True)
+        Q /= sum_of_rows
+        Q /= K
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
+
+
+def dinov2_koleo_loss(student_output, eps=1e-8):
+    """KoLeoLoss.forward."""
+    student_output = F.normalize(student_output, eps=eps, p=2, dim=-1)
+    dots = torch.mm(student_output, student_output.t())
+    n = student_output.shape[0]
+    dots.view(-1)[:: (n + 1)].fill_(-1)
+    _, nearest = torch.max(dots, dim=1)
+    distances = torch.nn.PairwiseDistance(2, eps=1e-8)(student_output, student_output[nearest])
+    return -torch.log(distances + eps).mean()
+
+
+def dinov2_masked_patch_counts(n_global_crops, patches_per_crop, mask_probability=0.5, ratio_range=(0.1, 0.5)):
+    """Masked patches per masked crop as DINOv2's collate draws them: int(n_global_crops *
+    probability) crops, one ratio in each of as many equal intervals of ``ratio_range`` (the
+    interval's midpoint here, so every run has the same sizes)."""
+    n_masked_crops = int(n_global_crops * mask_probability)
+    low, high = ratio_range
+    width = (high - low) / n_masked_crops
+    return [int(patches_per_crop * (low + (i + 0.5) * width)) for i in range(n_masked_crops)]

@@ -5,12 +5,15 @@ against the float64 reference (relative errors from tests/tolerances.py's error 
 against what a user would otherwise run (benchmarks/baselines.py): the DINO loss forward +
 backward in float32, bfloat16 and float16 (the release's loop under autocast, as main_dino.py
 calls it, and torch.compile of that loop); the teacher EMA with a float32 and a bfloat16 teacher
-(the release's loop, torch._foreach_lerp_); per-parameter clipping (the release's .item() loop).
+(the release's loop, torch._foreach_lerp_); per-parameter clipping (the release's .item() loop);
+DINOv2's terms (the iBOT patch loss, its DINO loss on teacher targets, Sinkhorn-Knopp, KoLeo) at
+DINOv2's sizes against its modules and torch.compile of them (bench_dinov2_losses.py).
 Each op's bytes moved over its time, as a fraction of the copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import statistics
@@ -18,6 +21,7 @@ import sys
 
 import torch
 
+import bench_dinov2_losses
 from baselines import (
     foreach_lerp_ema,
     release_clip_gradients,
@@ -33,6 +37,11 @@ from fastdino.ops import (
     dino_loss_reference,
     ema_update_,
     ema_update_reference,
+    ibot_masks_weight,
+    ibot_patch_loss,
+    sinkhorn_knopp_,
+    sinkhorn_knopp_reference,
+    soft_cross_entropy_reference,
 )
 from fastdino.ops.dino_loss import count_loss_pairs
 from gpu_suite import REPOSITORY, time_on_device
@@ -114,6 +123,9 @@ def kernels(run) -> None:
     for teacher_dtype in (torch.float32, torch.bfloat16):
         _ema(run, sizes, teacher_dtype)
     _clip(run, sizes)
+    for dtype in (torch.float32, torch.bfloat16):
+        _dinov2_accuracy(run, sizes, dtype)
+    _dinov2_speed(run, sizes)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -269,3 +281,52 @@ def _clip(run, sizes) -> None:
         bytes_moved=(n_params + 2 * clipped) * 4,
         repeats=sizes["repeats"]), warmup=sizes["warmup"])
     _bandwidth_figures(run, "clipping", names, results, metrics, EMA_CLIP_TARGET)
+
+
+def _dinov2_accuracy(run, sizes, dtype) -> None:
+    """The iBOT loss (logits and probabilities teachers) and Sinkhorn-Knopp on "triton" against
+    the float64 reference, at the benchmark's sizes (tests/test_ibot_loss.py's scales)."""
+    batch, n_classes = sizes["batch"], sizes["n_classes"]
+    masks = bench_dinov2_losses._masks(batch)
+    weights = (ibot_masks_weight(masks) / masks.shape[0]).to(run.device)
+    rows = int(masks.sum())
+    generator = torch.Generator().manual_seed(1)
+    student = (torch.rand(rows, n_classes, generator=generator) * 2 - 1).to(run.device, dtype)
+    teacher = (torch.rand(rows, n_classes, generator=generator) * 2 - 1).to(run.device, dtype)
+    center = torch.zeros(n_classes, device=run.device)
+    tolerance = TOLERANCES[dtype]
+    label = f"ibot_patch_loss {_dtype_name(dtype)}"
+    reference_input = student.double().requires_grad_()
+    reference_loss, _ = soft_cross_entropy_reference(reference_input, teacher.double(), center.double(),
+                                                     weights.double(), teacher_temp=0.07)
+    reference_grad, = torch.autograd.grad(reference_loss, reference_input)
+    fused_input = student.clone().requires_grad_()
+    fused_loss, _ = ibot_patch_loss(fused_input, teacher, center, weights * masks.shape[0], n_crops=masks.shape[0],
+                                    teacher_temp=0.07, backend="triton")
+    fused_grad, = torch.autograd.grad(fused_loss, fused_input)
+    loss_scale = float((weights.double() * student.double().abs().mean(-1)).sum()) / STUDENT_TEMP
+    run.figure(f"{label}: triton loss vs float64", _error(fused_loss, reference_loss, loss_scale),
+               at_most=tolerance["loss"], gpu=False)
+    run.figure(f"{label}: triton gradient vs float64",
+               _error(fused_grad, reference_grad, float(weights.double().norm()) / STUDENT_TEMP),
+               at_most=tolerance["grad"], gpu=False)
+    del reference_input, reference_loss, reference_grad, fused_input, fused_grad
+    expected = sinkhorn_knopp_reference(teacher.double(), 0.07)
+    fused = sinkhorn_knopp_(teacher.clone(), 0.07, backend="triton")
+    run.figure(f"sinkhorn_knopp_ {_dtype_name(dtype)}: triton vs float64", _error(fused, expected),
+               at_most=tolerance["sinkhorn"], gpu=False)
+
+
+def _dinov2_speed(run, sizes) -> None:
+    """bench_dinov2_losses' cases on the GPU (DINOv2's sizes) or interpreted (tiny)."""
+    compile_backend = run.compile_backend if run.compile else None
+    if not run.compile:
+        run.unavailable("dinov2 losses: torch.compile baselines", "--no-compile")
+    elif not run.fits(120, "dinov2 losses: torch.compile baselines"):
+        compile_backend = None
+    batch = None if run.on_gpu else 1
+    for case in bench_dinov2_losses.cases(run.device, run.quick, compile_backend is not None, batch=batch,
+                                          n_classes=sizes["n_classes"], compile_backend=compile_backend,
+                                          repeats=sizes["repeats"], backend="triton"):
+        if run.fits(30, case.name):
+            run.measure(dataclasses.replace(case, suite=run.section), warmup=sizes["warmup"])

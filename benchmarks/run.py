@@ -30,6 +30,7 @@ if not torch.cuda.is_available():
 import bench_clip_grad  # noqa: E402  (after TRITON_INTERPRET)
 import bench_data  # noqa: E402
 import bench_dino_loss  # noqa: E402
+import bench_dinov2_losses  # noqa: E402
 import bench_ema  # noqa: E402
 import bench_gpu  # noqa: E402
 import bench_models  # noqa: E402
@@ -38,7 +39,7 @@ from fastdino.ops import backend_status  # noqa: E402
 from measure import Measurement, copy_bandwidth, device_name, machine, peak_flops, time_function, versions  # noqa: E402
 from plot import plot_report  # noqa: E402
 
-SUITES = {"ops": (bench_dino_loss, bench_ema, bench_clip_grad), "models": (bench_models,), "data": (bench_data,), "train": (bench_train,)}
+SUITES = {"ops": (bench_dino_loss, bench_dinov2_losses, bench_ema, bench_clip_grad), "models": (bench_models,), "data": (bench_data,), "train": (bench_train,)}
 NOISY_SPREAD = 0.2
 
 
@@ -58,7 +59,7 @@ def parse_args(argv=None):
 
 
 def build_cases(module, device, args):
-    if module is bench_dino_loss:
+    if module in (bench_dino_loss, bench_dinov2_losses):
         return module.cases(device, args.quick, compile_baseline=not args.no_compile)
     return module.cases(device, args.quick)
 

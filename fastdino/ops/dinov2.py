@@ -78,8 +78,8 @@ class DINOLoss(_AsyncCenter):
     -sum over (s, t) pairs of mean_rows sum_k t log_softmax(s / student_temp), every student
     tensor against every teacher tensor (DINOv2's meta-architecture swaps the teacher's global
     crops beforehand so that crops meet their other view). Since the cross-entropy is linear in
-    the targets, the teacher tensors are summed once and each student row meets the sum: one
-    fused pass over the students instead of one per pair.
+    the targets, the teacher tensors are summed once and each student tensor meets the sum: one
+    fused pass per student tensor instead of one per pair.
     """
 
     def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9, backend="auto"):
@@ -106,13 +106,15 @@ class DINOLoss(_AsyncCenter):
             raise ValueError(f"DINOLoss: every student and teacher tensor must have one shape (rows, K), "
                              f"got {sorted(shapes)}")
         targets = teachers[0].float() if len(teachers) == 1 else torch.stack(teachers).float().sum(0)
-        student = students[0] if len(students) == 1 else torch.cat(students)
-        student = student.reshape(-1, student.shape[-1])
         targets = targets.reshape(-1, targets.shape[-1])
-        weights = torch.full((student.shape[0],), 1.0 / targets.shape[0], device=student.device)
-        loss, _ = soft_cross_entropy(student, targets, None, weights, student_temp=self.student_temp,
-                                     teacher_is_probs=True, backend=self.backend, op_name="DINOLoss")
-        return loss
+        weights = torch.full((targets.shape[0],), 1.0 / targets.shape[0], device=targets.device)
+        total_loss = 0
+        for student in students:  # one fused call each: no concatenated copy of the students
+            loss, _ = soft_cross_entropy(student.reshape(-1, student.shape[-1]), targets, None, weights,
+                                         student_temp=self.student_temp, teacher_is_probs=True,
+                                         backend=self.backend, op_name="DINOLoss")
+            total_loss = total_loss + loss
+        return total_loss
 
 
 class iBOTPatchLoss(_AsyncCenter):  # noqa: N801 (DINOv2's name)
@@ -162,6 +164,8 @@ class iBOTPatchLoss(_AsyncCenter):  # noqa: N801 (DINOv2's name)
         ``masks_weight`` (M,) 1 / masked patches of each patch's crop (computed from the masks
         when None, which synchronizes a GPU, as in DINOv2)."""
         student, teacher = student_patch_tokens_masked, teacher_patch_tokens_masked
+        if teacher.dim() == 3 and teacher.shape[0] == 1:  # (1, M, K), as the (1, 1, K) center broadcasts it
+            teacher = teacher[0]
         if masks_weight is None:
             masks_weight = ((1 / student_masks_flat.sum(-1).clamp(min=1.0))
                             .unsqueeze(-1).expand_as(student_masks_flat)[student_masks_flat])
