@@ -36,6 +36,9 @@ from fastdino.runtime import DEVICES, device_type, get_logger
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 OPTIMIZERS = ("adamw", "sgd")
+METHODS = ("dino", "dinov2")
+CENTERINGS = ("centering", "sinkhorn_knopp")
+LR_SCALINGS = ("linear", "sqrt")
 RESUME_MODES = ("auto", "never", "restart")
 PARALLELISMS = ("ddp", "fsdp")
 # key -> the environment variable that forces it for the whole process (and for fastdino.ops,
@@ -78,6 +81,9 @@ class TrainConfig:
                                "output_dir/replaced-<time>; or a checkpoint path", flag=True)
     max_steps: int = _doc(0, "stop (with a checkpoint) after this many optimizer steps in total; "
                              "0: run all epochs. Schedules still span all epochs")
+    method: str = _choice("dino", METHODS, "dino: the DINO loss; dinov2: DINOv2's recipe (the DINO loss as "
+                                           "DINOv2 pairs the crops, the iBOT masked-patch loss, KoLeo), "
+                                           "on a ViT built with a mask token")
     # -- networks --------------------------------------------------------------------------------
     arch: str = _doc("vit_small_p16", "backbone name (fastdino.models.list_backbones())")
     out_dim: int = _doc(65536, "K, the number of prototypes of the DINO head")
@@ -102,12 +108,32 @@ class TrainConfig:
     momentum_teacher: float = _doc(0.996, "teacher EMA momentum at the start (cosine to 1)")
     ops_backend: str = _choice("auto", BACKENDS, "fused loss, EMA and clipping (fastdino.ops): triton on "
                                                  f"GPUs, cpp on CPUs under auto; {BACKEND_ENV_VAR} overrides it")
+    # -- DINOv2 (method=dinov2) -------------------------------------------------------------------
+    dino_loss_weight: float = _doc(1.0, "dinov2: weight of the DINO (CLS) loss")
+    ibot_loss_weight: float = _doc(1.0, "dinov2: weight of the iBOT masked-patch loss; 0 turns masking off")
+    koleo_loss_weight: float = _doc(0.1, "dinov2: weight of the KoLeo regularizer on the student's global "
+                                         "CLS features")
+    ibot_separate_head: bool = _doc(False, "dinov2: a head of its own for the patch tokens (else the DINO "
+                                           "head serves both, DINOv2's default)")
+    ibot_out_dim: int = _doc(65536, "dinov2: prototypes of the iBOT head (with ibot_separate_head)")
+    centering: str = _choice("centering", CENTERINGS, "dinov2: the teacher's targets: centering (a momentum "
+                                                      "center, as DINO) or sinkhorn_knopp (3 iterations over "
+                                                      "the global batch)")
+    mask_sample_probability: float = _doc(0.5, "dinov2: fraction of the global crops that are masked")
+    mask_ratio_min_max: tuple[float, float] = _doc((0.1, 0.5), "dinov2: the masked crops' patch ratios are "
+                                                               "spread over this range")
     # -- optimization ------------------------------------------------------------------------------
     epochs: int = _doc(100, "training epochs", flag=True)
     batch_size_per_gpu: int = _doc(64, "images per rank per forward (micro-batch)", flag=True)
     grad_accumulation_steps: int = _doc(1, "micro-batches per optimizer step")
     optimizer: str = _choice("adamw", OPTIMIZERS, "adamw (ViTs) or sgd with momentum 0.9 (ResNet-50)")
-    lr: float = _doc(0.0005, "peak learning rate at a global batch of 256 (scaled linearly)", flag=True)
+    lr: float = _doc(0.0005, "peak learning rate at a global batch of 256 (lr_scaling=linear), or of 1024 "
+                             "(lr_scaling=sqrt)", flag=True)
+    lr_scaling: str = _choice("linear", LR_SCALINGS, "linear: lr x global batch / 256 (DINO); sqrt: lr x "
+                                                     "sqrt(global batch / 1024) (DINOv2)")
+    layerwise_decay: float = _doc(1.0, "lr of ViT block i x decay^(depth - i), the head and the last "
+                                       "block at full lr (DINOv2: 0.9); 1: off")
+    patch_embed_lr_mult: float = _doc(1.0, "extra lr factor of the patch embedding (DINOv2: 0.2)")
     min_lr: float = _doc(1e-6, "learning rate at the end of the cosine")
     warmup_epochs: int = _doc(10, "epochs of linear learning-rate warm-up")
     weight_decay: float = _doc(0.04, "weight decay at the start (cosine)")
@@ -194,7 +220,23 @@ class TrainConfig:
         for key in ("min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
             if not getattr(self, key) >= 0:
                 fail(key, "must be >= 0")
-        for key in ("center_momentum", "momentum_teacher", "drop_path_rate"):
+        for key in ("dino_loss_weight", "ibot_loss_weight", "koleo_loss_weight"):
+            if not getattr(self, key) >= 0:
+                fail(key, "must be >= 0")
+        for key in ("layerwise_decay", "patch_embed_lr_mult"):
+            if not 0 < getattr(self, key) <= 1:
+                fail(key, "must be in (0, 1]")
+        if self.ibot_out_dim < 1:
+            fail("ibot_out_dim", "must be >= 1")
+        low, high = self.mask_ratio_min_max
+        if not 0 <= low <= high <= 1:
+            fail("mask_ratio_min_max", "must be two ratios 0 <= min <= max <= 1")
+        if self.method == "dinov2":
+            if not self.is_vit:
+                fail("method", f"dinov2 needs a ViT backbone (its mask token and patch tokens), not arch={self.arch!r}")
+            if self.global_crop_size % self.patch_size:
+                fail("global_crop_size", f"dinov2 masks whole patches: must be a multiple of patch {self.patch_size}")
+        for key in ("center_momentum", "momentum_teacher", "drop_path_rate", "mask_sample_probability"):
             if not 0 <= getattr(self, key) <= 1:
                 fail(key, "must be in [0, 1]")
         if self.warmup_epochs > self.epochs:
