@@ -41,8 +41,13 @@ FASTDINO_MULTIVERSION void column_max_tile(const storage_t<T>* x, int64_t ld, in
                                            int64_t n, float* __restrict dst) {
   for (int64_t r = 0; r < rows; ++r) {
     const storage_t<T>* row = x + r * ld;
+    // Not std::max: it takes the loaded value by reference, and gcc does not vectorize the
+    // address-taken temporary under omp simd.
 #pragma omp simd
-    for (int64_t k = 0; k < n; ++k) dst[k] = std::max(dst[k], Elem<T>::load(row[k]));
+    for (int64_t k = 0; k < n; ++k) {
+      const float v = Elem<T>::load(row[k]);
+      dst[k] = v > dst[k] ? v : dst[k];
+    }
   }
 }
 
