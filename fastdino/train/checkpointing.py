@@ -247,31 +247,49 @@ def restore_rng_state(state: dict, device: torch.device) -> None:
 
 def build_checkpoint(*, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
                      scaler, center: torch.Tensor, epoch: int, step: int, config: dict,
-                     backends: dict, data_state: dict, rng_states: list[dict]) -> dict:
-    """The checkpoint payload (see the module docstring)."""
+                     backends: dict, data_state: dict, rng_states: list[dict],
+                     patch_center: torch.Tensor | None = None) -> dict:
+    """The checkpoint payload (see the module docstring); ``patch_center``: DINOv2's iBOT center."""
     return export_dino_checkpoint(
         student, teacher,
         optimizer=optimizer.state_dict(),
         fp16_scaler=scaler.state_dict() if scaler is not None else None,
         epoch=epoch, step=step, config=config, backends=dict(backends),
-        dino_loss={"center": center.detach().cpu()},
+        dino_loss=loss_state(center, patch_center),
         data=dict(data_state), rng=rng_states,
     )
 
 
+def loss_state(center: torch.Tensor, patch_center: torch.Tensor | None = None) -> dict:
+    """The checkpoint's "dino_loss" entry: the center (as the release), and DINOv2's iBOT center."""
+    state = {"center": center.detach().cpu()}
+    if patch_center is not None:
+        state["patch_center"] = patch_center.detach().cpu()
+    return state
+
+
+def restore_loss_state(state: dict, center: torch.Tensor, patch_center: torch.Tensor | None = None) -> None:
+    with torch.no_grad():
+        center.copy_(state["center"])
+        if patch_center is not None:
+            if "patch_center" not in state:
+                raise ValueError("the checkpoint has no iBOT patch center: it was not written by a method=dinov2 run")
+            patch_center.copy_(state["patch_center"])
+
+
 def restore_checkpoint(payload: dict, *, student: nn.Module, teacher: nn.Module,
-                       optimizer: torch.optim.Optimizer, scaler, center: torch.Tensor) -> None:
-    """Load networks, optimizer, scaler and center from a payload of ``build_checkpoint``."""
+                       optimizer: torch.optim.Optimizer, scaler, center: torch.Tensor,
+                       patch_center: torch.Tensor | None = None) -> None:
+    """Load networks, optimizer, scaler and centers from a payload of ``build_checkpoint``."""
     load_dino_checkpoint(student, payload, part="student")
     load_dino_checkpoint(teacher, payload, part="teacher")
     # load_state_dict replaces each group's keys with the saved ones: keep fastdino's own markers
     # (which groups get weight decay), absent from a release checkpoint's groups.
-    markers = [{key: group[key] for key in ("apply_weight_decay",) if key in group}
+    markers = [{key: group[key] for key in ("apply_weight_decay", "lr_multiplier") if key in group}
                for group in optimizer.param_groups]
     optimizer.load_state_dict(payload["optimizer"])
     for group, marker in zip(optimizer.param_groups, markers):
         group.update(marker)
     if scaler is not None and payload.get("fp16_scaler"):
         scaler.load_state_dict(payload["fp16_scaler"])
-    with torch.no_grad():
-        center.copy_(payload["dino_loss"]["center"])
+    restore_loss_state(payload["dino_loss"], center, patch_center)

@@ -232,6 +232,9 @@ class TrainConfig:
         if not 0 <= low <= high <= 1:
             fail("mask_ratio_min_max", "must be two ratios 0 <= min <= max <= 1")
         if self.method == "dinov2":
+            if not self.dino_loss_weight > 0:
+                fail("dino_loss_weight", "must be > 0 with method=dinov2 (its teacher entropy is the collapse "
+                                         "monitor's signal)")
             if not self.is_vit:
                 fail("method", f"dinov2 needs a ViT backbone (its mask token and patch tokens), not arch={self.arch!r}")
             if self.global_crop_size % self.patch_size:
@@ -275,8 +278,13 @@ class TrainConfig:
     @property
     def patch_size(self) -> int | None:
         """The ViT's patch size (``vit_*_p<N>``), None for other backbones."""
-        match = re.fullmatch(r"vit_\w+_p(\d+)", self.arch)
+        match = re.fullmatch(r"vit_[a-z]+_p(\d+)(_reg\d+)?", self.arch)
         return int(match.group(1)) if match else None
+
+    @property
+    def uses_masks(self) -> bool:
+        """The student sees masked global crops (DINOv2's iBOT term): its ViT needs a mask token."""
+        return self.method == "dinov2" and self.ibot_loss_weight > 0
 
     @property
     def resolved_precision(self) -> str:

@@ -15,17 +15,24 @@ from fastdino.models import DINOHead, MultiCropWrapper, create_backbone
 
 def _backbone(config, drop_path_rate: float) -> nn.Module:
     if config.is_vit:
+        # A mask token only where the student is masked: an unused parameter would stall DDP.
         return create_backbone(config.arch, drop_path_rate=drop_path_rate, attn_backend=config.attn_backend,
-                               activation_checkpointing=config.activation_checkpointing)
+                               activation_checkpointing=config.activation_checkpointing,
+                               mask_token=config.uses_masks)
     return create_backbone(config.arch, drop_path_rate=drop_path_rate)
+
+
+def _head(config, backbone: nn.Module, out_dim: int) -> DINOHead:
+    return DINOHead(backbone.num_features, out_dim, hidden_dim=config.head_hidden_dim,
+                    bottleneck_dim=config.head_bottleneck_dim, norm_last_layer=config.norm_last_layer,
+                    use_bn=config.use_bn_in_head)
 
 
 def _network(config, drop_path_rate: float, teacher: bool) -> MultiCropWrapper:
     backbone = _backbone(config, drop_path_rate)
-    head = DINOHead(backbone.num_features, config.out_dim, hidden_dim=config.head_hidden_dim,
-                    bottleneck_dim=config.head_bottleneck_dim, norm_last_layer=config.norm_last_layer,
-                    use_bn=config.use_bn_in_head)
-    return MultiCropWrapper(backbone, head, global_crops_only=teacher)
+    head = _head(config, backbone, config.out_dim)
+    ibot_head = _head(config, backbone, config.ibot_out_dim) if config.uses_masks and config.ibot_separate_head else None
+    return MultiCropWrapper(backbone, head, global_crops_only=teacher, ibot_head=ibot_head)
 
 
 def build_student_and_teacher(config, device: torch.device) -> tuple[MultiCropWrapper, MultiCropWrapper]:
@@ -58,18 +65,36 @@ def compile_backbone(network: MultiCropWrapper, **compile_options) -> None:
         network.backbone.compile(**compile_options)
 
 
-def parameter_groups(network: nn.Module) -> list[dict]:
-    """The release's get_params_groups: no weight decay for biases and 1-D parameters."""
-    regularized, not_regularized = [], []
+def lr_multiplier(name: str, depth: int, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> float:
+    """DINOv2's layer-wise lr decay (get_vit_lr_decay_rate): block i of ``depth`` at decay^(depth - i),
+    the embeddings and tokens (layer 0) at decay^(depth + 1), the head at full lr; the patch
+    embedding's lr further x ``patch_embed_lr_mult``."""
+    layer = depth + 1
+    if name.startswith("backbone."):
+        if any(part in name for part in (".pos_embed", ".patch_embed", ".mask_token", ".cls_token",
+                                         ".register_tokens")):
+            layer = 0
+        elif ".blocks." in name:
+            layer = int(name.split(".blocks.")[1].split(".")[0]) + 1
+    multiplier = layerwise_decay ** (depth + 1 - layer)
+    return multiplier * patch_embed_lr_mult if "patch_embed" in name else multiplier
+
+
+def parameter_groups(network: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict]:
+    """The release's get_params_groups: no weight decay for biases and 1-D parameters; with
+    DINOv2's layer-wise lr decay, one group per (weight decay, lr multiplier) besides."""
+    blocks = getattr(getattr(network, "backbone", None), "blocks", None)
+    depth = len(blocks) if blocks is not None else 0
+    groups: dict[tuple[bool, float], list] = {}
     for name, parameter in network.named_parameters():
         if not parameter.requires_grad:
             continue
-        if name.endswith(".bias") or parameter.ndim == 1:
-            not_regularized.append(parameter)
-        else:
-            regularized.append(parameter)
-    return [{"params": regularized, "apply_weight_decay": True},
-            {"params": not_regularized, "weight_decay": 0.0, "apply_weight_decay": False}]
+        decayed = not (name.endswith(".bias") or parameter.ndim == 1)
+        multiplier = lr_multiplier(name, depth, layerwise_decay, patch_embed_lr_mult) if depth else 1.0
+        groups.setdefault((decayed, multiplier), []).append(parameter)
+    return [{"params": params, "apply_weight_decay": decayed, "lr_multiplier": multiplier,
+             **({} if decayed else {"weight_decay": 0.0})}
+            for (decayed, multiplier), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))]
 
 
 def last_layer_parameters(network: nn.Module) -> list[nn.Parameter]:
@@ -106,7 +131,7 @@ def build_optimizer(config, network: nn.Module, device: torch.device) -> torch.o
     """AdamW (or SGD, momentum 0.9) with the fused multi-tensor kernels; lr and weight decay are
     set by the schedules before every step. Every step bumps the parameters' version counters,
     as an unfused in-place update would."""
-    groups = parameter_groups(network)
+    groups = parameter_groups(network, config.layerwise_decay, config.patch_embed_lr_mult)
     fused = device.type in ("cuda", "cpu")
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(_last_layer_apart(groups, network), lr=0.0, momentum=0.9, fused=fused,

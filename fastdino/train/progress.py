@@ -16,6 +16,9 @@ TENSORBOARD_FOLDER_NAME = "tensorboard"
 logger = get_logger("train")
 
 
+TERM_KEYS = ("dino_loss", "ibot_loss", "koleo_loss", "patch_teacher_entropy")  # method=dinov2's terms
+
+
 def keep_metrics_up_to(path: Path, step: int) -> None:
     """Drop the lines of ``path`` logged after ``step`` (and a line torn by a kill), atomically.
 
@@ -89,7 +92,9 @@ class TrainingProgress:
             logger.info(
                 f"step {metrics['step']}/{self.total_steps} epoch {metrics['epoch']} "
                 f"loss {metrics['loss']:.4f} kl {metrics['kl_divergence']:.4f} "
-                f"h(Pt) {metrics['teacher_entropy']:.3f} lr {metrics['lr']:.3g} wd {metrics['weight_decay']:.3g} "
+                f"h(Pt) {metrics['teacher_entropy']:.3f} "
+                + "".join(f"{name.removesuffix('_loss')} {metrics[name]:.4f} " for name in TERM_KEYS if name in metrics)
+                + f"lr {metrics['lr']:.3g} wd {metrics['weight_decay']:.3g} "
                 f"m {metrics['teacher_momentum']:.5f} tau_t {metrics['teacher_temperature']:.4f} "
                 f"{metrics['images_per_second']:.1f} img/s data-wait {metrics['data_wait_fraction']:.0%} "
                 f"peak {metrics['peak_memory_gib']:.2f} GiB")

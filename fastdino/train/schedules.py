@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fastdino.ops import teacher_temperature_schedule
 
 LR_REFERENCE_BATCH = 256  # lr is given for a global batch of 256 and scaled linearly
+SQRT_LR_REFERENCE_BATCH = 1024  # DINOv2: lr for a global batch of 1024, scaled by the square root
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,18 @@ def global_batch_size(config, world_size: int) -> int:
     return config.batch_size_per_gpu * config.grad_accumulation_steps * world_size
 
 
+def scaled_learning_rate(config, world_size: int) -> float:
+    """The peak lr: DINO's linear rule (lr x batch / 256) or DINOv2's square root (lr x
+    sqrt(batch / 1024))."""
+    batch = global_batch_size(config, world_size)
+    if config.lr_scaling == "sqrt":
+        return config.lr * math.sqrt(batch / SQRT_LR_REFERENCE_BATCH)
+    return config.lr * batch / LR_REFERENCE_BATCH
+
+
 def build_schedules(config, iterations_per_epoch: int, world_size: int) -> TrainingSchedules:
     """The release's schedules for ``config`` (a TrainConfig): lr scaled by the global batch."""
-    peak_lr = config.lr * global_batch_size(config, world_size) / LR_REFERENCE_BATCH
+    peak_lr = scaled_learning_rate(config, world_size)
     return TrainingSchedules(
         learning_rate=cosine_schedule(peak_lr, config.min_lr, config.epochs, iterations_per_epoch,
                                       warmup_epochs=config.warmup_epochs),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -40,6 +40,8 @@ class StepResult:
     loss: torch.Tensor  # 0-d float32 on the device: mean over the micro-batches of this rank
     teacher_entropy: torch.Tensor | None  # of the last micro-batch, when measured
     kl_divergence: torch.Tensor | None  # loss - teacher entropy on the last micro-batch
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # DINOv2: each weighted term's value
+    patch_teacher_entropy: torch.Tensor | None = None  # DINOv2: of the iBOT head's targets
 
 
 class DINOStep:
@@ -83,7 +85,7 @@ class DINOStep:
 
     def _set_schedule(self, values: ScheduledValues) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = values.learning_rate
+            group["lr"] = values.learning_rate * group.get("lr_multiplier", 1.0)
             if group.get("apply_weight_decay"):
                 group["weight_decay"] = values.weight_decay
 
@@ -96,38 +98,31 @@ class DINOStep:
         return contextlib.nullcontext()
 
     def __call__(self, micro_batches: Sequence[Sequence[torch.Tensor]], values: ScheduledValues,
-                 freeze_last_layer: bool, measure: bool = False) -> StepResult:
+                 freeze_last_layer: bool, measure: bool = False, masks: Sequence | None = None) -> StepResult:
         """One optimizer step over ``micro_batches`` (lists of crops, global crops first).
-        ``measure`` also computes the teacher entropy and KL of the last micro-batch."""
+        ``measure`` also computes the teacher entropy and KL of the last micro-batch. ``masks``:
+        one ``fastdino.data.masking.IBOTMasks`` per micro-batch (DINOv2's step only)."""
         self._set_schedule(values)
         self.optimizer.zero_grad(set_to_none=True)
         n_micro = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
-        teacher_sum, teacher_rows = None, 0
-        entropy = kl_divergence = None
+        terms_sum: dict[str, torch.Tensor] = {}
+        self._start_center_sums()
+        measured = {}
         for index, crops in enumerate(micro_batches):
             last = index == n_micro - 1
             with self._gradient_sync(last):
-                with self._autocast():
-                    with torch.no_grad():
-                        teacher_logits = self.teacher(crops)
-                    student_logits = self.student(crops)
-                loss, batch_teacher_sum = dino_loss(
-                    student_logits, teacher_logits, self.center, n_global_crops=N_GLOBAL_CROPS,
-                    student_temp=self.student_temp, teacher_temp=values.teacher_temperature,
-                    backend=self.ops_backend, overwrite_student_logits=True, check_finite=False)
-                teacher_sum = batch_teacher_sum if teacher_sum is None else teacher_sum + batch_teacher_sum
-                teacher_rows += teacher_logits.shape[0]
+                loss, terms, measured = self._loss(crops, None if masks is None else masks[index], values,
+                                                   measure and last)
                 if last:
-                    if measure:
-                        entropy = teacher_entropy(teacher_logits, self.center, values.teacher_temperature)
-                        kl_divergence = loss.detach() - entropy
-                    self.center_update.start(teacher_sum, teacher_rows)
+                    self._start_center_updates()
                 scaled_loss = loss / n_micro if n_micro > 1 else loss
                 if self.scaler is not None:
                     scaled_loss = self.scaler.scale(scaled_loss)
                 scaled_loss.backward()
             loss_sum += loss.detach()
+            for name, value in terms.items():
+                terms_sum[name] = terms_sum.get(name, 0.0) + value.detach()
 
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -142,5 +137,43 @@ class DINOStep:
         else:
             self.optimizer.step()
         sharded_ema_update_(self.teacher_params, self.student_params, values.teacher_momentum, backend=self.ops_backend)
-        self.center_update.finish()
-        return StepResult(loss_sum / n_micro if n_micro > 1 else loss_sum, entropy, kl_divergence)
+        self._finish_center_updates()
+        mean = (lambda value: value / n_micro) if n_micro > 1 else (lambda value: value)
+        return StepResult(mean(loss_sum), measured.get("teacher_entropy"), measured.get("kl_divergence"),
+                          {name: mean(value) for name, value in terms_sum.items()},
+                          measured.get("patch_teacher_entropy"))
+
+    # -- the loss of one micro-batch, and the centers it moves -----------------------------------
+
+    def _start_center_sums(self) -> None:
+        self._teacher_sum, self._teacher_rows = None, 0
+
+    def _start_center_updates(self) -> None:
+        """Before the last backward: the all-reduce then overlaps with it."""
+        if self._teacher_sum is not None:
+            self.center_update.start(self._teacher_sum, self._teacher_rows)
+
+    def _finish_center_updates(self) -> None:
+        if self._teacher_sum is not None:
+            self.center_update.finish()
+
+    def _add_to_center_sum(self, teacher_sum: torch.Tensor, rows: int) -> None:
+        self._teacher_sum = teacher_sum if self._teacher_sum is None else self._teacher_sum + teacher_sum
+        self._teacher_rows += rows
+
+    def _loss(self, crops, masks, values: ScheduledValues, measure: bool):
+        """(loss, {term: value}, {measured quantity: value}) of one micro-batch."""
+        with self._autocast():
+            with torch.no_grad():
+                teacher_logits = self.teacher(crops)
+            student_logits = self.student(crops)
+        loss, teacher_sum = dino_loss(
+            student_logits, teacher_logits, self.center, n_global_crops=N_GLOBAL_CROPS,
+            student_temp=self.student_temp, teacher_temp=values.teacher_temperature,
+            backend=self.ops_backend, overwrite_student_logits=True, check_finite=False)
+        self._add_to_center_sum(teacher_sum, teacher_logits.shape[0])
+        measured = {}
+        if measure:
+            entropy = teacher_entropy(teacher_logits, self.center, values.teacher_temperature)
+            measured = {"teacher_entropy": entropy, "kl_divergence": loss.detach() - entropy}
+        return loss, {}, measured

@@ -38,10 +38,12 @@ from .checkpointing import (
     checkpoint_kind,
     checkpoint_path,
     checkpoint_to_resume,
+    loss_state,
     point_latest_to,
     prune_checkpoints,
     remove_partial_files,
     restore_checkpoint,
+    restore_loss_state,
     restore_rng_state,
     resumable_files,
 )
@@ -53,6 +55,7 @@ from .sharding import (export_full_backbone_state_dict, load_sharded_checkpoint,
                        shard_student_and_teacher)
 from .progress import METRICS_FILE_NAME, TrainingProgress
 from .schedules import build_schedules, global_batch_size
+from .dinov2_step import DINOv2Step
 from .step import DINOStep, StepResult
 
 CONFIG_FILE_NAME = "config.json"
@@ -142,15 +145,27 @@ class Trainer:
         self.optimizer = build_optimizer(config, self.student, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if config.resolved_precision == "fp16" else None
         self.center = torch.zeros(1, config.out_dim, device=self.device)
+        self.patch_center = None
+        if config.method == "dinov2":
+            patch_dim = config.ibot_out_dim if config.ibot_separate_head else config.out_dim
+            self.patch_center = torch.zeros(1, patch_dim, device=self.device)
+        self.mask_recipe = self._mask_recipe()
         trained_student = self.student
         if runtime.world_size > 1 and not self.sharded:
             trained_student = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)
-        self.step_fn = DINOStep(
-            trained_student, self.teacher, self.optimizer, self.center, student_temp=config.student_temp,
-            center_momentum=config.center_momentum, clip_grad=config.clip_grad,
-            autocast_dtype=config.autocast_dtype, scaler=self.scaler, ops_backend=config.ops_backend)
+        step_options = dict(student_temp=config.student_temp, center_momentum=config.center_momentum,
+                            clip_grad=config.clip_grad, autocast_dtype=config.autocast_dtype, scaler=self.scaler,
+                            ops_backend=config.ops_backend)
+        if config.method == "dinov2":
+            self.step_fn = DINOv2Step(
+                trained_student, self.teacher, self.optimizer, self.center, patch_center=self.patch_center,
+                centering=config.centering, dino_loss_weight=config.dino_loss_weight,
+                ibot_loss_weight=config.ibot_loss_weight, koleo_loss_weight=config.koleo_loss_weight,
+                **step_options)
+        else:
+            self.step_fn = DINOStep(trained_student, self.teacher, self.optimizer, self.center, **step_options)
         torch.manual_seed(config.seed + runtime.rank)
         random.seed(config.seed + runtime.rank)
 
@@ -159,7 +174,9 @@ class Trainer:
         total_steps = self.schedules.total_iterations
         self.stop_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
         self.collapse_monitor = CollapseMonitor(config.out_dim, grace_steps=self.steps_per_epoch)
-        self.last_collapse_mode: str | None = None
+        self.patch_collapse_monitor = (CollapseMonitor(self.patch_center.shape[1], grace_steps=self.steps_per_epoch)
+                                       if self.patch_center is not None else None)
+        self.last_collapse_mode: dict[str, str | None] = {}
         self.last_good_checkpoint = self._resume()
         self.start_step = self.loader.steps_done
         self.stop_signals = StopSignals(runtime)
@@ -222,6 +239,28 @@ class Trainer:
                               f"{config.grad_accumulation_steps} on {runtime.world_size} rank(s) do not fit "
                               f"{data_path}: {error}") from None
 
+    def _mask_recipe(self):
+        """DINOv2's masks of the global crops, when the student is masked; else None."""
+        if not self.config.uses_masks:
+            return None
+        from fastdino.data.masking import IBOTMaskRecipe
+
+        return IBOTMaskRecipe(grid_size=self.config.global_crop_size // self.config.patch_size,
+                              mask_sample_probability=self.config.mask_sample_probability,
+                              mask_ratio_min_max=self.config.mask_ratio_min_max)
+
+    def _masks(self, step: int, n_micro: int) -> list | None:
+        """The masks of optimizer step ``step``'s micro-batches, drawn (on the host) from the same
+        (seed, epoch, shard, batch) as the loader's crops: a resumed run gets the same masks."""
+        if self.mask_recipe is None:
+            return None
+        from fastdino.data.masking import sample_ibot_masks
+
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        return [sample_ibot_masks(self.mask_recipe, self.config.batch_size_per_gpu, self.config.seed, epoch,
+                                  self.runtime.rank, step_in_epoch * n_micro + index).to(self.device)
+                for index in range(n_micro)]
+
     def _resume(self) -> Path | None:
         """Restore the state of the checkpoint to resume from, if any; returns its path."""
         found = checkpoint_to_resume(self.config.resume, self.run_dir, self.runtime)
@@ -258,14 +297,13 @@ class Trainer:
                            f"the run will not reproduce the uninterrupted one exactly")
         if path.is_dir():  # a sharded (DCP) checkpoint: loads on any number of ranks, sharded or not
             load_sharded_checkpoint(path, self.student, self.teacher, self.optimizer)
-            with torch.no_grad():
-                self.center.copy_(payload["dino_loss"]["center"])
+            restore_loss_state(payload["dino_loss"], self.center, self.patch_center)
         elif self.sharded:
             raise ConfigError(f"{path} is a whole-network checkpoint and this run is sharded "
                               f"(parallelism=fsdp): resume it with parallelism=ddp")
         else:
             restore_checkpoint(payload, student=self.student, teacher=self.teacher, optimizer=self.optimizer,
-                               scaler=self.scaler, center=self.center)
+                               scaler=self.scaler, center=self.center, patch_center=self.patch_center)
         rng_states = payload["rng"]
         if len(rng_states) == self.runtime.world_size:
             restore_rng_state(rng_states[self.runtime.rank], self.device)
@@ -322,7 +360,8 @@ class Trainer:
                 log_now = done % config.log_every_steps == 0 or done == self.stop_step
                 self.waiting_in = f"optimizer step {done} (the gradient and center all-reduces)"
                 result = self.step_fn(micro_batches, self.schedules.at(step),
-                                      freeze_last_layer=epoch < config.freeze_last_layer, measure=log_now)
+                                      freeze_last_layer=epoch < config.freeze_last_layer, measure=log_now,
+                                      masks=self._masks(step, len(micro_batches)))
                 window.record(result, step)
                 progress.advance(done, epoch)
                 if log_now:
@@ -406,12 +445,16 @@ class Trainer:
         self.waiting_in = f"the metrics all-reduce of step {step}"
         self._raise_if_non_finite(window)
         values = self.schedules.at(step - 1)
+        # DINOv2: each term of the last step, and the patch targets' entropy
+        extra = dict(result.terms)
+        if result.patch_teacher_entropy is not None:
+            extra["patch_teacher_entropy"] = result.patch_teacher_entropy
         statistics = torch.stack([window.loss_sum / window.steps, result.teacher_entropy.float(),
-                                  result.kl_divergence.float()])
+                                  result.kl_divergence.float(), *(value.float() for value in extra.values())])
         if self.runtime.initialized:
             dist.all_reduce(statistics)
             statistics /= self.runtime.world_size
-        loss, entropy, kl_divergence = statistics.tolist()
+        loss, entropy, kl_divergence, *extra_values = statistics.tolist()
         elapsed = time.perf_counter() - window.started
         metrics = {
             "step": step, "epoch": values.epoch, "loss": loss, "kl_divergence": kl_divergence,
@@ -421,16 +464,29 @@ class Trainer:
             "data_wait_fraction": window.data_wait / elapsed,
             "peak_memory_gib": _peak_memory_gib(self.device),
         }
-        sign = self.collapse_monitor.sign(entropy, step)
-        mode = sign[0] if sign else None
-        if sign:
-            metrics["collapse_warning"] = sign[1]
-            if mode != self.last_collapse_mode:  # say it when it starts, log it every time
-                logger.warning(f"at step {step}: {sign[1]}")
-        self.last_collapse_mode = mode
+        metrics.update({f"{name}_loss" if name in self.step_weights() else name: value
+                        for name, value in zip(extra, extra_values)})
+        self._watch_collapse(metrics, step, "", self.collapse_monitor, entropy)
+        if self.patch_collapse_monitor is not None and "patch_teacher_entropy" in metrics:
+            self._watch_collapse(metrics, step, "patch_", self.patch_collapse_monitor,
+                                 metrics["patch_teacher_entropy"])
         progress.log(metrics)
         window.reset()
         return metrics
+
+    def step_weights(self) -> dict:
+        return getattr(self.step_fn, "weights", {})
+
+    def _watch_collapse(self, metrics: dict, step: int, prefix: str, monitor: CollapseMonitor, entropy: float) -> None:
+        """Add the collapse sign of one head to ``metrics``; say it when it starts, log it every time."""
+        sign = monitor.sign(entropy, step)
+        mode = sign[0] if sign else None
+        if sign:
+            head = "the iBOT head: " if prefix else ""
+            metrics[f"{prefix}collapse_warning"] = head + sign[1]
+            if mode != self.last_collapse_mode.get(prefix):
+                logger.warning(f"at step {step}: {head}{sign[1]}")
+        self.last_collapse_mode[prefix] = mode
 
     def _save_checkpoint(self, step: int, window: _MetricsWindow) -> None:
         self.waiting_in = f"the checkpoint of step {step} (its RNG-state gather)"
@@ -445,12 +501,13 @@ class Trainer:
                      backends=dict(self.backends), data=self.loader.state_dict(), rng=rng_states)
         if self.sharded:  # every rank writes its shards
             save_sharded_checkpoint(path, self.student, self.teacher, self.optimizer,
-                                    {**state, "dino_loss": {"center": self.center.detach().cpu()}})
+                                    {**state, "dino_loss": loss_state(self.center, self.patch_center)})
         elif self.runtime.is_main:
             payload = build_checkpoint(
                 student=self.student, teacher=self.teacher, optimizer=self.optimizer, scaler=self.scaler,
                 center=self.center, epoch=state["epoch"], step=step, config=state["config"],
-                backends=self.backends, data_state=state["data"], rng_states=rng_states)
+                backends=self.backends, data_state=state["data"], rng_states=rng_states,
+                patch_center=self.patch_center)
             atomic_save(payload, path)
             point_latest_to(path)
         if self.runtime.is_main:
