@@ -636,17 +636,19 @@ def test_wrapper_batches_per_resolution_for_other_backbones(generator):
 
 def test_registry_lists_and_builds_every_vit():
     names = list_backbones()
-    assert names == sorted(["resnet50"] + [f"vit_{size}_p{patch}" for size in ("tiny", "small", "base", "large")
-                                           for patch in (8, 16)])
-    dims = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}
-    for name in names:
-        if name == "resnet50":
-            continue
+    dino = [f"vit_{size}_p{patch}" for size in ("tiny", "small", "base", "large") for patch in (8, 16)]
+    dinov2 = [f"vit_{size}_p14{registers}" for size in ("small", "base", "large", "giant") for registers in ("", "_reg4")]
+    assert names == sorted(["resnet50"] + dino + dinov2)
+    dims = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16), "giant": (1536, 24)}
+    for name in dino + dinov2:
         with torch.device("meta"):  # shapes and settings only: no memory, no init time
-            model = create_backbone(name, img_size=32, drop_path_rate=0.1)
-        size, patch = name.split("_")[1], int(name.split("_p")[1])
+            model = create_backbone(name, img_size=28 if name in dinov2 else 32, drop_path_rate=0.1)
+        size, patch = name.split("_")[1], int(name.split("_p")[1][:2].rstrip("_"))
         assert (model.embed_dim, model.num_heads, model.patch_size) == (*dims[size], patch)
-        assert model.blocks[-1].drop_path_rate == pytest.approx(0.1) and model.blocks[0].drop_path_rate == 0
+        assert model.blocks[-1].drop_path_rate == pytest.approx(0.1)
+        # DINO's drop path rises linearly from 0; DINOv2's is uniform over depth
+        assert model.blocks[0].drop_path_rate == (pytest.approx(0.1) if name in dinov2 else 0)
+        assert model.num_prefix_tokens == (5 if name.endswith("_reg4") else 1)
     with pytest.raises(ValueError, match="unknown backbone 'vit_huge_p14'.*vit_small_p8"):
         create_backbone("vit_huge_p14")
 

@@ -25,11 +25,15 @@ from .loader import (
     dali_available,
     resolve_data_backend,
 )
+from .masking import BlockMaskGenerator, IBOTMaskRecipe, IBOTMasks, sample_ibot_masks
 from .recipe import CropParameters, MultiCropRecipe, random_resized_crop_boxes, sample_crop_parameters
 from .synthetic import write_sample_photo_folder, write_synthetic_image_folder
 
 __all__ = [
     "BatchPlan",
+    "BlockMaskGenerator",
+    "IBOTMaskRecipe",
+    "IBOTMasks",
     "CropParameters",
     "DATA_BACKENDS",
     "DATA_BACKEND_ENV_VAR",
@@ -45,6 +49,7 @@ __all__ = [
     "random_resized_crop_boxes",
     "resolve_data_backend",
     "sample_crop_parameters",
+    "sample_ibot_masks",
     "scan_images",
     "write_sample_photo_folder",
     "write_synthetic_image_folder",

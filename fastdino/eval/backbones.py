@@ -48,16 +48,21 @@ class ArchitectureInferenceError(ValueError):
 
 
 @functools.cache
-def _vit_signatures() -> dict[tuple[int, int, int], str]:
-    """(embed_dim, depth, patch_size) -> backbone name, for every ViT in the registry."""
+def _vit_signatures() -> dict[tuple[int, int, int, int], str]:
+    """(embed_dim, depth, patch_size, register tokens) -> backbone name, for every ViT in the registry."""
     signatures = {}
     for name in list_backbones():
         if not name.startswith("vit_"):
             continue
         with torch.device("meta"):  # shapes only: no memory, no initialization cost
             model = create_backbone(name)
-        signatures[(model.embed_dim, len(model.blocks), model.patch_size)] = name
+        signatures[(model.embed_dim, len(model.blocks), model.patch_size, _register_tokens(model.state_dict()))] = name
     return signatures
+
+
+def _register_tokens(state_dict: Mapping[str, torch.Tensor]) -> int:
+    tokens = state_dict.get("register_tokens")
+    return 0 if tokens is None else tokens.shape[1]
 
 
 def vit_image_size(state_dict: Mapping[str, torch.Tensor], source: str) -> int:
@@ -85,14 +90,15 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "st
     embed_dim, _, patch_size, _ = state_dict["patch_embed.proj.weight"].shape
     depth = 1 + max((int(match.group(1)) for key in state_dict
                      if (match := _BLOCK_INDEX.match(key))), default=-1)
-    name = _vit_signatures().get((embed_dim, depth, patch_size))
+    registers = _register_tokens(state_dict)
+    name = _vit_signatures().get((embed_dim, depth, patch_size, registers))
     if name is None:
-        known = ", ".join(f"{arch} (dim {dim}, depth {blocks}, patch {patch})"
-                          for (dim, blocks, patch), arch in sorted(_vit_signatures().items(),
-                                                                   key=lambda item: item[1]))
+        known = ", ".join(f"{arch} (dim {dim}, depth {blocks}, patch {patch}, {tokens} registers)"
+                          for (dim, blocks, patch, tokens), arch in sorted(_vit_signatures().items(),
+                                                                           key=lambda item: item[1]))
         raise ArchitectureInferenceError(
-            f"{source}: a ViT with embed dim {embed_dim}, depth {depth} and patch size "
-            f"{patch_size} is none of the known backbones: {known}")
+            f"{source}: a ViT with embed dim {embed_dim}, depth {depth}, patch size {patch_size} and "
+            f"{registers} register tokens is none of the known backbones: {known}")
     return name
 
 
@@ -137,7 +143,9 @@ def load_backbone(checkpoint_path: str | os.PathLike, arch: str | None = None,
         arch = infer_architecture(state, repr(str(path)))
     elif arch not in list_backbones():
         raise ValueError(f"--arch {arch!r} is not a known backbone; choose one of {list_backbones()}")
-    kwargs = {"img_size": vit_image_size(state, repr(str(path)))} if "pos_embed" in state else {}
+    kwargs = {}
+    if "pos_embed" in state:  # a ViT: its grid, and a mask token where it was trained with one (DINOv2)
+        kwargs = {"img_size": vit_image_size(state, repr(str(path))), "mask_token": "mask_token" in state}
     model = create_backbone(arch, **kwargs)
     try:
         check_state_dict(model, state)

@@ -73,7 +73,7 @@ def probe_features(backbone: nn.Module, n_last_blocks: int,
         cls_tokens = torch.cat([tokens[:, 0] for tokens in blocks], dim=-1)
         if not avgpool_patchtokens:
             return cls_tokens
-        pooled = blocks[-1][:, 1:].mean(dim=1)
+        pooled = blocks[-1][:, getattr(backbone, "num_prefix_tokens", 1):].mean(dim=1)  # patches, not registers
         # The release interleaves them (cls_0, pooled_0, cls_1, pooled_1, ...), so its trained
         # linear weights apply unchanged.
         return torch.stack((cls_tokens, pooled), dim=-1).flatten(1)

@@ -1,4 +1,5 @@
-"""fastdino.models: DINO's ViT backbones, head and multi-crop wrapper, and checkpoint interop.
+"""fastdino.models: DINO's and DINOv2's ViT backbones, head and multi-crop wrapper, and checkpoint
+interop (the release's, DINOv2's and timm's state dicts).
 
     from fastdino.models import DINOHead, MultiCropWrapper, create_backbone
 
@@ -24,6 +25,7 @@ from .attention import (
 from .checkpoints import (
     StateDictMismatchError,
     check_state_dict,
+    convert_backbone_state_dict,
     export_backbone_state_dict,
     export_dino_checkpoint,
     load_dino_checkpoint,
@@ -32,13 +34,16 @@ from .checkpoints import (
 )
 from .head import DINOHead, WeightNormalizedLinear, convert_weight_norm_keys
 from .registry import create_backbone, list_backbones
-from .vision_transformer import VisionTransformer, vit_base, vit_large, vit_small, vit_tiny
-from .wrapper import MultiCropWrapper
+from .vision_transformer import (MultiCropFeatures, VisionTransformer, vit_base, vit_giant, vit_large, vit_small,
+                                 vit_tiny)
+from .wrapper import DINOv2Outputs, MultiCropWrapper
 
 __all__ = [
     "ATTENTION_BACKENDS",
     "ATTENTION_ENV_VAR",
     "DINOHead",
+    "DINOv2Outputs",
+    "MultiCropFeatures",
     "MultiCropWrapper",
     "PackedSequences",
     "StateDictMismatchError",
@@ -47,6 +52,7 @@ __all__ = [
     "XFORMERS_AVAILABLE",
     "attention_kernels_report",
     "check_state_dict",
+    "convert_backbone_state_dict",
     "convert_weight_norm_keys",
     "create_backbone",
     "export_backbone_state_dict",
@@ -57,6 +63,7 @@ __all__ = [
     "resolve_attention_backend",
     "select_state_dict",
     "vit_base",
+    "vit_giant",
     "vit_large",
     "vit_small",
     "vit_tiny",
