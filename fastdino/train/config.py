@@ -39,6 +39,7 @@ OPTIMIZERS = ("adamw", "sgd")
 METHODS = ("dino", "dinov2")
 CENTERINGS = ("centering", "sinkhorn_knopp")
 LR_SCALINGS = ("linear", "sqrt")
+FFN_LAYERS = ("default", "mlp", "swiglu")
 RESUME_MODES = ("auto", "never", "restart")
 PARALLELISMS = ("ddp", "fsdp")
 # key -> the environment variable that forces it for the whole process (and for fastdino.ops,
@@ -92,6 +93,8 @@ class TrainConfig:
     norm_last_layer: bool = _doc(True, "fix the prototypes' weight-norm magnitude to 1")
     use_bn_in_head: bool = _doc(False, "batch norm after the head's hidden layers (the release's --use_bn_in_head)")
     drop_path_rate: float = _doc(0.1, "stochastic depth of the student")
+    ffn_layer: str = _choice("default", FFN_LAYERS, "the ViT blocks' feed-forward layer: default (the arch's: "
+                                                    "SwiGLU for vit_giant_p14, else the MLP), mlp or swiglu")
     attn_backend: str = _choice("auto", ATTENTION_BACKENDS, "attention implementation of the ViTs "
                                                             f"(fastdino.models); {ATTENTION_ENV_VAR} overrides it")
     activation_checkpointing: bool = _doc(False, "recompute each ViT block in the backward (less memory)")
@@ -251,7 +254,7 @@ class TrainConfig:
         except ValueError as error:
             raise ConfigError(str(error).removeprefix(f"{MultiCropRecipe.__name__}.")) from None
         if not self.is_vit:
-            for key in ("attn_backend", "activation_checkpointing"):
+            for key in ("attn_backend", "activation_checkpointing", "ffn_layer"):
                 if getattr(self, key) != TrainConfig.__dataclass_fields__[key].default:
                     fail(key, f"applies to the ViT backbones only, not to arch={self.arch!r}")
         if self.data and not Path(self.data).exists():
@@ -326,6 +329,15 @@ class Preset:
     overrides: dict
 
 
+# DINOv2's defaults (dinov2/configs/ssl_default_config.yaml) as overrides of DINO's. Its local
+# crops are 98 px at patch 14 (7 x 7 patches; DINOv2's vitl14.yaml), its lr is for a batch of 1024.
+DINOV2_RECIPE = dict(
+    method="dinov2", lr=0.004, lr_scaling="sqrt", layerwise_decay=0.9, patch_embed_lr_mult=0.2,
+    min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.992,
+    warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30, n_local_crops=8,
+    global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32), local_crop_size=98, clip_grad=3.0,
+    freeze_last_layer=1, epochs=100)
+
 # Presets change only what differs from the release's defaults (the dataclass above).
 PRESETS: dict[str, Preset] = {
     "vit_small_p16": Preset("the public release's defaults: ViT-S/16, 100 epochs, 2+8 crops", {}),
@@ -352,6 +364,18 @@ PRESETS: dict[str, Preset] = {
              drop_path_rate=0.4, batch_size_per_gpu=32, epochs=400, lr=0.00075, min_lr=2e-6,
              teacher_temp=0.07, warmup_teacher_temp_epochs=50, freeze_last_layer=3, n_local_crops=10,
              global_crop_scale=(0.25, 1.0), local_crop_scale=(0.05, 0.25))),
+    "dinov2_vits14": Preset(
+        "DINOv2's recipe (ssl_default_config.yaml) on ViT-S/14: DINO + iBOT + KoLeo (1 / 1 / 0.1), "
+        "centering, lr 0.004 at batch 1024 (sqrt scaling), layer-wise decay 0.9, 100 epochs",
+        dict(DINOV2_RECIPE, arch="vit_small_p14", drop_path_rate=0.1)),
+    "dinov2_vitl14": Preset(
+        "DINOv2's ViT-L/14 (train/vitl14.yaml): SwiGLU FFN, separate iBOT head, 131072 prototypes "
+        "each, Sinkhorn-Knopp, drop path 0.4; FSDP2, bf16, activation checkpointing",
+        dict(DINOV2_RECIPE, arch="vit_large_p14", ffn_layer="swiglu", out_dim=131072, head_bottleneck_dim=384,
+             ibot_separate_head=True, ibot_out_dim=131072, centering="sinkhorn_knopp", drop_path_rate=0.4,
+             batch_size_per_gpu=32, momentum_teacher=0.994, lr=2e-4, warmup_epochs=80, weight_decay_end=0.2,
+             layerwise_decay=1.0, epochs=500, parallelism="fsdp", precision="bf16",
+             activation_checkpointing=True)),
     "resnet50": Preset(
         "ResNet-50 as the release's README runs it: SGD, lr 0.03, weight decay 1e-4, tighter crops",
         dict(arch="resnet50", optimizer="sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4,

@@ -16,9 +16,10 @@ from fastdino.models import DINOHead, MultiCropWrapper, create_backbone
 def _backbone(config, drop_path_rate: float) -> nn.Module:
     if config.is_vit:
         # A mask token only where the student is masked: an unused parameter would stall DDP.
+        ffn = {} if config.ffn_layer == "default" else {"ffn_layer": config.ffn_layer}
         return create_backbone(config.arch, drop_path_rate=drop_path_rate, attn_backend=config.attn_backend,
                                activation_checkpointing=config.activation_checkpointing,
-                               mask_token=config.uses_masks)
+                               mask_token=config.uses_masks, **ffn)
     return create_backbone(config.arch, drop_path_rate=drop_path_rate)
 
 

@@ -77,6 +77,7 @@ class TrainResult:
     teacher: nn.Module
     center: torch.Tensor
     stopped_by: str | None = None  # the signal that stopped the run early (checkpoint written)
+    patch_center: torch.Tensor | None = None  # method=dinov2: the iBOT head's center
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -346,7 +347,7 @@ class Trainer:
         if self.start_step >= self.stop_step:
             logger.info(f"nothing to do: the run in {self.run_dir} is at step {self.start_step} "
                         f"(stop at {self.stop_step})")
-            return TrainResult(self.run_dir, self.start_step, None, self.student, self.teacher, self.center)
+            return self._result(self.start_step, None)
         progress = TrainingProgress(self.stop_step, self.start_step, self.run_dir, enabled=self.runtime.is_main,
                                     tensorboard=config.tensorboard, resumed_from=self.last_good_checkpoint)
         window = _MetricsWindow(self.device)
@@ -377,8 +378,7 @@ class Trainer:
                 stopped_by = self.stop_signals.stop_now() if done < self.stop_step else None
                 if stopped_by:
                     self._stop_on_signal(stopped_by, done, window, checkpoint_written=checkpoint_now)
-                    return TrainResult(self.run_dir, done, last_metrics, self.student, self.teacher,
-                                       self.center, stopped_by)
+                    return self._result(done, last_metrics, stopped_by)
             self.stop_signals.drain()
         except RuntimeError as error:
             if self.runtime.initialized and is_collective_timeout(error):
@@ -390,7 +390,11 @@ class Trainer:
         logger.info(f"done: {self.stop_step} steps. Checkpoint {self.run_dir / LATEST_CHECKPOINT_NAME}, "
                     f"teacher backbone {self.run_dir / BACKBONE_EXPORT_NAME}, metrics "
                     f"{self.run_dir / METRICS_FILE_NAME}, config {self.run_dir / CONFIG_FILE_NAME}")
-        return TrainResult(self.run_dir, self.stop_step, last_metrics, self.student, self.teacher, self.center)
+        return self._result(self.stop_step, last_metrics)
+
+    def _result(self, steps: int, last_metrics: dict | None, stopped_by: str | None = None) -> TrainResult:
+        return TrainResult(self.run_dir, steps, last_metrics, self.student, self.teacher, self.center, stopped_by,
+                           self.patch_center)
 
     def _stop_on_signal(self, signal_name: str, step: int, window: _MetricsWindow, checkpoint_written: bool) -> None:
         """Every rank, after the same ``step``: a checkpoint, and the marker a requeue script reads."""
