@@ -187,3 +187,21 @@ def test_two_gloo_processes_with_a_separate_ibot_head(tmp_path, image_folder):
         assert torch.equal(value, ranks[1]["teacher"][key]), f"teacher {key} differs between ranks"
     assert "backbone.mask_token" in ranks[0]["teacher"]
     assert any(key.startswith("ibot_head.") for key in ranks[0]["teacher"])
+
+
+def test_fsdp_trains_dinov2_like_ddp(tmp_path, image_folder):
+    """Sharded student and teacher (the separate iBOT head a unit of its own): DDP's losses and
+    terms, up to the float32 rounding of reductions in another order."""
+    from test_train_run import finish, read_metrics, start_ranks
+
+    overrides = {**OVERRIDES, "epochs": 1, "max_steps": 3, "checkpoint_every_steps": 0, "ibot_separate_head": True,
+                 "ibot_out_dim": 200}
+    ddp = start_ranks(tmp_path / "ddp", image_folder, overrides, free_port())
+    fsdp = start_ranks(tmp_path / "fsdp", image_folder, {**overrides, "parallelism": "fsdp"}, free_port())
+    finish(*ddp, *fsdp)
+    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
+        expected = {entry["step"]: entry[key] for entry in read_metrics(tmp_path / "ddp") if key in entry}
+        sharded = {entry["step"]: entry[key] for entry in read_metrics(tmp_path / "fsdp") if key in entry}
+        assert sorted(sharded) == [1, 2, 3]
+        assert all(abs(sharded[step] - expected[step]) <= 1e-5 * abs(expected[step]) for step in expected), \
+            (key, sharded, expected)

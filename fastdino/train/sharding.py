@@ -61,7 +61,8 @@ def sharding_units(network: MultiCropWrapper) -> list[nn.Module]:
     """The modules that get a ``fully_shard`` of their own, in forward order: each ViT block (a
     convnet backbone has none and stays in the root), then the head. The root unit, the network
     itself, holds the remaining parameters."""
-    return [*getattr(network.backbone, "blocks", ()), network.head]
+    heads = [network.head] + ([network.ibot_head] if hasattr(network, "ibot_head") else [])  # DINOv2's separate head
+    return [*getattr(network.backbone, "blocks", ()), *heads]
 
 
 def _check_same_layout(student: nn.Module, teacher: nn.Module) -> None:
