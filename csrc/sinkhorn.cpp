@@ -3,16 +3,19 @@
 // all-reduces between them.
 //
 // Column reductions (column max, the column sums of exp and of E v) run over tiles of
-// kRowChunk rows x kColBlock columns: a tile's column partial (kColBlock floats) stays in L1
-// while its rows stream past. Tiles of row chunk 0 write into the output, those of chunk c >= 1
-// into row c - 1 of a partial buffer, and the chunks are merged in chunk order: the reduction
-// order is fixed by the shape alone, so results are bitwise the same for any thread count.
+// kRowChunk rows x a column block: a tile streams its rows' segments past its column partial
+// (L1/L2-resident). Long row segments stream best (the prefetchers follow long runs: 2048-column
+// blocks were 1.5x slower than whole rows), so the block is as wide as kMaxColBlock allows,
+// narrower only when the matrix would otherwise give fewer than kMinTiles tiles to share among
+// the threads. Tiles of row chunk 0 write into the output, those of chunk c >= 1 into row c - 1
+// of a partial buffer, and the chunks are merged in chunk order: the tiling and the reduction
+// order depend on the shape alone, so results are bitwise the same for any thread count.
 // Row reductions (row scales, normalization) run in parallel over rows, each row summed in
 // blocks of kRowBlock (float32 within a block, double across blocks).
-// A sum of n positive float32 terms errs by at most (n - 1) u relative (u = 2^-24). Each float32
-// accumulator here takes at most 256 terms (a row chunk's rows; a row block's elements over >= 4
-// SIMD lanes), so a row sum is good to ~256 u and a column sum to (256 + R / 256) u in the worst
-// case: 1.6e-5 for the R = 2458 rows of DINOv2's iBOT patches.
+// A sum of n positive float32 terms errs by at most (n - 1) u relative (u = 2^-24). A row sum
+// has at most 256 terms per float32 accumulator (a row block over >= 4 SIMD lanes): ~256 u in
+// the worst case; a column sum 64 per chunk, then R / 64 chunk merges: (64 + R / 64) u, 6e-6
+// for the R = 2458 rows of DINOv2's iBOT patches.
 // All passes run with denormals flushed (ScopedFlushDenormals), like the loss kernels.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
@@ -26,10 +29,14 @@
 namespace fastdino {
 namespace {
 
-constexpr int64_t kColBlock = 2048;  // 8 KB of float32 partials per tile
-// 256 rows per chunk: R = 2458 (iBOT patches) gives 10 chunks, whose partial rows (9 x K
-// floats) are a small fraction of the R x K pass they summarize.
-constexpr int64_t kRowChunk = 256;
+constexpr int64_t kMaxColBlock = 65536;  // 256 KB of float32 partials: L2-resident
+constexpr int64_t kMinColBlock = 8192;  // 32 KB row segments: 8 pages of prefetched stream
+// At least 32 tiles: R = 2458, K = 65536 runs as 39 whole-row tiles (2 threads: 20 + 19), R = 128
+// as 2 x 8 tiles of 8192 columns.
+constexpr int64_t kMinTiles = 32;
+// 64 rows per chunk: R = 2458 (iBOT patches) gives 39 chunks, whose partial rows (38 x K floats)
+// are 1.5% of the R x K pass they summarize.
+constexpr int64_t kRowChunk = 64;
 constexpr int64_t kRowBlock = 1024;
 // Below this many elements per task the parallel region costs more than it saves.
 constexpr int64_t kMinTaskElems = int64_t{1} << 15;
@@ -127,17 +134,20 @@ void reduce_columns(int64_t R, int64_t K, float identity, float* out, const Tile
                     const Merge& merge) {
   std::fill(out, out + K, identity);
   const int64_t n_chunks = ceil_div(R, kRowChunk);
-  const int64_t n_blocks = ceil_div(K, kColBlock);
-  if (n_chunks == 0 || n_blocks == 0) return;
+  if (n_chunks == 0 || K == 0) return;
+  const int64_t n_blocks =
+      std::clamp(ceil_div(kMinTiles, n_chunks), ceil_div(K, kMaxColBlock),
+                 std::max<int64_t>(1, K / kMinColBlock));
+  const int64_t col_block = ceil_div(ceil_div(K, n_blocks), 16) * 16;  // whole cache lines
   std::vector<float> partial((n_chunks - 1) * K, identity);
-  const int64_t tile_elems = std::min(R, kRowChunk) * std::min(K, kColBlock);
+  const int64_t tile_elems = std::min(R, kRowChunk) * std::min(K, col_block);
   at::parallel_for(0, n_chunks * n_blocks, ceil_div(kMinTaskElems, tile_elems),
                    [&](int64_t i0, int64_t i1) {
                      const ScopedFlushDenormals flush_denormals;
                      for (int64_t i = i0; i < i1; ++i) {
                        const int64_t chunk = i / n_blocks;
-                       const int64_t k0 = (i % n_blocks) * kColBlock;
-                       const int64_t k1 = std::min(K, k0 + kColBlock);
+                       const int64_t k0 = std::min(K, (i % n_blocks) * col_block);
+                       const int64_t k1 = std::min(K, k0 + col_block);
                        const int64_t r0 = chunk * kRowChunk;
                        const int64_t r1 = std::min(R, r0 + kRowChunk);
                        float* dst = chunk == 0 ? out : partial.data() + (chunk - 1) * K;
@@ -145,7 +155,7 @@ void reduce_columns(int64_t R, int64_t K, float identity, float* out, const Tile
                      }
                    });
   if (n_chunks == 1) return;
-  at::parallel_for(0, K, std::max<int64_t>(kColBlock, kMinTaskElems / n_chunks),
+  at::parallel_for(0, K, std::max<int64_t>(kMinColBlock, kMinTaskElems / n_chunks),
                    [&](int64_t k0, int64_t k1) {
                      for (int64_t chunk = 1; chunk < n_chunks; ++chunk) {
                        merge(out + k0, partial.data() + (chunk - 1) * K + k0, k1 - k0);
