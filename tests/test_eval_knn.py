@@ -437,7 +437,8 @@ def write_digits_folder(root):
 
 
 @pytest.mark.slow
-def test_short_dino_training_beats_random_init_on_digits(tmp_path):
+@pytest.mark.parametrize("method", ["dino", "dinov2"])
+def test_short_dino_training_beats_random_init_on_digits(tmp_path, method):
     train, val = write_digits_folder(tmp_path / "digits")
     run_dir = tmp_path / "run"
     repo = Path(__file__).resolve().parents[1]
@@ -445,7 +446,7 @@ def test_short_dino_training_beats_random_init_on_digits(tmp_path):
         filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     training = subprocess.run(
         [sys.executable, "-m", "fastdino.train", "--preset", "tiny", "--data", str(train),
-         "--output-dir", str(run_dir), *DIGITS_TRAINING],
+         "--output-dir", str(run_dir), *DIGITS_TRAINING, f"method={method}"],
         env=environment, capture_output=True, text=True, timeout=3600, check=False)
     assert training.returncode == 0, training.stderr[-3000:]
 
@@ -460,5 +461,5 @@ def test_short_dino_training_beats_random_init_on_digits(tmp_path):
     untrained = create_backbone(arch, img_size=trained_model.pos_embed_grid * trained_model.patch_size)
     torch.save(export_backbone_state_dict(untrained), tmp_path / "random_init.pth")
     trained_top1, random_top1 = top1(run_dir / "checkpoint.pth"), top1(tmp_path / "random_init.pth")
-    print(f"digits 20-NN top-1: DINO-trained {arch} {trained_top1:.2f}%, random init {random_top1:.2f}%")
+    print(f"digits 20-NN top-1: {method}-trained {arch} {trained_top1:.2f}%, random init {random_top1:.2f}%")
     assert trained_top1 > random_top1
