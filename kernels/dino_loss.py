@@ -5,31 +5,39 @@ r = v*B + b is crop v of sample b, teacher row i*B + b global crop i, G = n_glob
 x = s / tau_s, P_i, Q_v, n_t(v), n_pairs).
 
 All exponentials are base 2 (``exp2`` is the native instruction): with z2 = z * log2(e),
-softmax(z) = exp2(z2 - lse2(z2)) and lse(z) = lse2(z2) * ln(2). The kernels work on
-x2 = s * (log2(e) / tau_s) and z2 = (t - c) * (log2(e) / tau_t); the row loss is taken in the
-direct form L = ln(2) * (n_t * lse2(x2) - sum_k Q(k) x2(k)), not the contract's
-cancellation-free one.
+softmax(z) = exp2(z2 - lse2(z2)) and lse(z) = lse2(z2) * ln(2). The student side works on
+x2 = s * (log2(e) / tau_s); the row loss is taken in the direct form
+L = ln(2) * (n_t * lse2(x2) - sum_k Q(k) x2(k)), not the contract's cancellation-free one.
+
+The teacher softmax subtracts its max BEFORE the scaling by t_scale = log2(e) / tau_t: with
+y = t - c, P(k) = exp2((y(k) - max y) * t_scale - log2 S_t) and
+S_t = sum_k exp2((y(k) - max y) * t_scale).
+The top entry's exponent is then -log2 S_t (|.| <= log2 K = 16) and no exponent passes through a
+float32 number of size |y| t_scale (~430 for |y| = 12 at tau_t = 0.04), whose half ulp 1.5e-5
+would scale every P of the row by up to 1e-5. The teacher pass (``_teacher_kernel``,
+``_teacher_row_stats``, ``_teacher_softmax``, launched by ``_teacher_pass``) serves the soft
+cross-entropy's logits mode too (soft_cross_entropy.py).
 
 Kernels (everything accumulated in float32, whatever the input dtypes):
 
 (a) ``_teacher_kernel``, grid (NB column blocks, NRG row groups). A program owns BLOCK_T columns
     and a range of teacher rows, which it walks ROWS_T rows at a time ([ROWS_T, BLOCK_T] tile
     loads). For each (teacher row, column block) it writes the partial softmax statistics
-    (max of z2 over the block, sum of exp2(z2 - max)) to a small (R_t, NB) float32 buffer, and it
-    accumulates the column sums of t over its rows in a fixed order. With NRG == 1 the column
-    sums are teacher_sum itself; otherwise (few column blocks: small K) they go to an (NRG, K)
-    buffer that torch sums over dim 0 (a fixed-order reduction). This is the ONLY read of the
-    teacher from memory besides the L2-friendly re-reads of (b). No atomics.
+    (max of y over the block, sum of exp2((y - max) * t_scale)) to a small (R_t, NB) pair of
+    float32 buffers, and it accumulates the column sums of t over its rows in a fixed order, to
+    an (NRG, K) buffer that torch sums over dim 0 when NRG > 1 (few column blocks: small K; a
+    fixed-order reduction). This is the ONLY read of the teacher from memory besides the
+    L2-friendly re-reads of (b). No atomics.
 (b) ``_student_kernel``, one program per student row. Programs are ordered sample-major
     (pid -> b = pid // NV), so the programs running together share the same teacher rows, which
     then come from L2. Prologue: combine the (max, sumexp) partials of this row's NT teacher rows
-    into their lse2 (a [NT_P2, NB_P2] tile). Loop 1 over K in BLOCK_S blocks: online max /
-    sum-exp2 of x2 (one block reduction per step, ONE exp2 per element) and the per-lane
-    accumulated dot Q.x2, with Q = sum_i exp2(z2_i - lse2_i) recomputed from the teacher tile
-    [NT_P2, BLOCK_S]. Row loss -> loss_rows[row]. Loop 2: re-read s, recompute Q, write
-    grad = (NT exp2(x2 - lse2) - Q) * 1 / (tau_s B n_pairs) in grad's dtype (the student's, or
-    float32: the op's choice for float16 students). Each block of the row is read before the same
-    block is written, so grad may alias student.
+    into their (max y, log2 S_t) (``_teacher_row_stats`` on a [NT_P2, NB_P2] tile). Loop 1 over K
+    in BLOCK_S blocks: online max / sum-exp2 of x2 (one block reduction per step, ONE exp2 per
+    student element) and the per-lane accumulated dot Q.x2, with Q = sum_i P_i recomputed from
+    the teacher tile [NT_P2, BLOCK_S]. Row loss -> loss_rows[row]. Loop 2: re-read s, recompute
+    Q, write grad = (NT exp2(x2 - lse2) - Q) * 1 / (tau_s B n_pairs) in grad's dtype (the
+    student's, or float32: the op's choice for float16 students). Each block of the row is read
+    before the same block is written, so grad may alias student.
     NT = n_t(v) is a constexpr: global crops (v < G, NT = G - 1) and local crops (v >= G,
     NT = G) are two launches of the same kernel. NT == 0 (G == 1, v == 0): zero grad and loss.
 
@@ -99,12 +107,32 @@ def _teacher_kernel(
             t_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=mask, other=0.0
         ).to(tl.float32)
         csum += tl.sum(t, axis=0)
-        z = (t - c[None, :]) * t_scale
-        m = tl.max(z, axis=1)
-        se = tl.sum(tl.exp2(z - m[:, None]), axis=1)
+        y = t - c[None, :]
+        m = tl.max(y, axis=1)
+        se = tl.sum(_teacher_softmax(y, m[:, None], 0.0, t_scale), axis=1)  # P's numerators
         tl.store(m_part_ptr + rows * NB + pid_k, m, mask=rmask)
         tl.store(s_part_ptr + rows * NB + pid_k, se, mask=rmask)
     tl.store(tsum_ptr + pid_r.to(tl.int64) * K + cols, csum, mask=cmask)
+
+
+@triton.jit
+def _teacher_row_stats(pm, ps, t_scale):
+    """(max y, log2 S_t) of each row of a [rows, NB_P2] tile of _teacher_kernel's partials (pm:
+    block maxima, -inf where masked; ps: block sums, 0 where masked). A row without partials
+    (padding) gets max y = 0 and log2 S_t = +inf: _teacher_softmax gives it P = 0, and no
+    -inf - -inf is formed."""
+    y_max = tl.max(pm, axis=1)
+    present = y_max > float("-inf")
+    y_max = tl.where(present, y_max, 0.0)
+    log2_sum = tl.log2(tl.sum(ps * tl.exp2((pm - y_max[:, None]) * t_scale), axis=1))
+    return y_max, tl.where(present, log2_sum, float("inf"))
+
+
+@triton.jit
+def _teacher_softmax(y, y_max, log2_sum, t_scale):
+    """P = exp2((y - max y) * t_scale - log2 S_t) of y = t - c: the max subtracted before the
+    scaling."""
+    return tl.exp2((y - y_max) * t_scale - log2_sum)
 
 
 @triton.jit
@@ -151,16 +179,16 @@ def _student_kernel(
         j = tl.arange(0, NT_P2)
         jmask = j < NT
         t_rows = (j + (j >= v).to(tl.int32)) * B + b
-        # Prologue: lse2 of each teacher row from the (max, sumexp) partials of the teacher kernel.
+        # Prologue: (max y, log2 S_t) of each teacher row from the teacher kernel's partials;
+        # the padded rows j >= NT have none and get P = 0.
         nb = tl.arange(0, NB_P2)
         pmask = jmask[:, None] & (nb < NB)[None, :]
         part_off = t_rows[:, None] * NB + nb[None, :]
         pm = tl.load(m_part_ptr + part_off, mask=pmask, other=float("-inf"))
         ps = tl.load(s_part_ptr + part_off, mask=pmask, other=0.0)
-        pmax = tl.max(pm, axis=1)
-        pmax_safe = tl.where(jmask, pmax, 0.0)
-        lse_t = pmax_safe + tl.log2(tl.sum(ps * tl.exp2(pm - pmax_safe[:, None]), axis=1))
-        lse_t = tl.where(jmask, lse_t, float("inf"))  # padded rows: exp2(z2 - inf) = 0
+        y_max, log2_sum = _teacher_row_stats(pm, ps, t_scale)
+        y_max = y_max[:, None]
+        log2_sum = log2_sum[:, None]
         t_base = t_ptr + t_rows.to(tl.int64)[:, None] * K
 
         # Loop 1: online max / sum-exp2 of x2 and the dot Q.x2.
@@ -174,7 +202,7 @@ def _student_kernel(
             c = tl.load(c_ptr + cols, mask=cmask, other=float("inf"))
             t = tl.load(t_base + cols[None, :], mask=jmask[:, None] & cmask[None, :],
                         other=0.0).to(tl.float32)
-            q = tl.sum(tl.exp2((t - c[None, :]) * t_scale - lse_t[:, None]), axis=0)
+            q = tl.sum(_teacher_softmax(t - c[None, :], y_max, log2_sum, t_scale), axis=0)
             m_new = tl.maximum(m_i, tl.max(x, axis=0))
             d_i = d_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new), axis=0)
             m_i = m_new
@@ -190,7 +218,7 @@ def _student_kernel(
             c = tl.load(c_ptr + cols, mask=cmask, other=float("inf"))
             t = tl.load(t_base + cols[None, :], mask=jmask[:, None] & cmask[None, :],
                         other=0.0).to(tl.float32)
-            q = tl.sum(tl.exp2((t - c[None, :]) * t_scale - lse_t[:, None]), axis=0)
+            q = tl.sum(_teacher_softmax(t - c[None, :], y_max, log2_sum, t_scale), axis=0)
             g = (NT * tl.exp2(x - lse) - q) * g_scale
             tl.store(g_row + cols, cast_rne(g, g_ptr.dtype.element_ty, INTERPRET), mask=cmask)
 
@@ -220,6 +248,24 @@ def _teacher_config(R_t: int, K: int, n_sms: int):
     return block_t, nb, rows, nrg, rows_per_group, num_warps
 
 
+def _teacher_pass(teacher, center, t_scale, n_sms):
+    """Launches the teacher pass (a) over teacher (R_t >= 1, K) and center (K,), checked by the
+    caller, on the current device. Returns (m_part, s_part, teacher_sum): the (R_t, NB) float32
+    partials that ``_teacher_row_stats`` combines and the teacher's (K,) float32 column sums."""
+    R_t, K = teacher.shape
+    block_t, nb, rows_t, nrg, rows_per_group, warps_t = _teacher_config(R_t, K, n_sms)
+    m_part = torch.empty((R_t, nb), dtype=torch.float32, device=teacher.device)
+    s_part = torch.empty((R_t, nb), dtype=torch.float32, device=teacher.device)
+    tsum_out = torch.empty((nrg, K), dtype=torch.float32, device=teacher.device)
+    _teacher_kernel[(nb, nrg)](
+        teacher, center, m_part, s_part, tsum_out,
+        R_t, K, nb, rows_per_group, t_scale,
+        ROWS=rows_t, BLOCK=block_t,
+        num_warps=warps_t, enable_fp_fusion=True,
+    )
+    return m_part, s_part, tsum_out[0] if nrg == 1 else tsum_out.sum(dim=0)
+
+
 def _student_config(K: int):
     block_s = min(MAX_BLOCK_S, _next_pow2(K))
     num_warps = max(1, min(16, block_s // 256))
@@ -235,18 +281,14 @@ def _check_positive(value, name):
     return value
 
 
-def dino_loss_forward(student, teacher, center, grad, n_global_crops, student_temp, teacher_temp):
-    """Returns (loss: 0-d float32, teacher_sum: (K,) float32) and writes d loss / d student to grad."""
+def _check_student_teacher(student, teacher, center, grad):
+    """The checks of (student, teacher, center, grad) that this op and the soft cross-entropy
+    share: dtypes, K >= 1 columns everywhere, grad's shape and dtype, one device. Returns
+    (R_s, R_t, K)."""
     check_float_tensor(student, "student", dim=2)
     check_float_tensor(teacher, "teacher", dim=2)
     check_float_tensor(center, "center", (torch.float32,), dim=1)
     check_float_tensor(grad, "grad", dim=2)
-    if isinstance(n_global_crops, bool) or not isinstance(n_global_crops, numbers.Integral):
-        raise ValueError(f"n_global_crops must be an int, got {type(n_global_crops).__name__}")
-    G = int(n_global_crops)
-    tau_s = _check_positive(student_temp, "student_temp")
-    tau_t = _check_positive(teacher_temp, "teacher_temp")
-
     R_s, K = student.shape
     R_t = teacher.shape[0]
     if K < 1:
@@ -264,6 +306,17 @@ def dino_loss_forward(student, teacher, center, grad, n_global_crops, student_te
     for name, x in (("teacher", teacher), ("center", center), ("grad", grad)):
         if x.device != student.device:
             raise ValueError(f"{name} is on {x.device} but student is on {student.device}")
+    return R_s, R_t, K
+
+
+def dino_loss_forward(student, teacher, center, grad, n_global_crops, student_temp, teacher_temp):
+    """Returns (loss: 0-d float32, teacher_sum: (K,) float32) and writes d loss / d student to grad."""
+    R_s, R_t, K = _check_student_teacher(student, teacher, center, grad)
+    if isinstance(n_global_crops, bool) or not isinstance(n_global_crops, numbers.Integral):
+        raise ValueError(f"n_global_crops must be an int, got {type(n_global_crops).__name__}")
+    G = int(n_global_crops)
+    tau_s = _check_positive(student_temp, "student_temp")
+    tau_t = _check_positive(teacher_temp, "teacher_temp")
     if G < 1:
         raise ValueError(f"n_global_crops must be >= 1, got {G}")
     if R_t < G or R_t % G != 0:
@@ -287,21 +340,9 @@ def dino_loss_forward(student, teacher, center, grad, n_global_crops, student_te
 
     with on_device_of([student]):  # the launches run on the tensors' device, not the current one
         # (a) teacher pass
-        block_t, nb, rows_t, nrg, rows_per_group, warps_t = _teacher_config(R_t, K, n_sms)
-        m_part = torch.empty((R_t, nb), dtype=torch.float32, device=device)
-        s_part = torch.empty((R_t, nb), dtype=torch.float32, device=device)
-        if nrg == 1:
-            tsum_out = torch.empty(K, dtype=torch.float32, device=device)
-        else:
-            tsum_out = torch.empty((nrg, K), dtype=torch.float32, device=device)
         t_scale = LOG2E / tau_t
-        _teacher_kernel[(nb, nrg)](
-            teacher, center, m_part, s_part, tsum_out,
-            R_t, K, nb, rows_per_group, t_scale,
-            ROWS=rows_t, BLOCK=block_t,
-            num_warps=warps_t, enable_fp_fusion=True,
-        )
-        teacher_sum = tsum_out if nrg == 1 else tsum_out.sum(dim=0)
+        m_part, s_part, teacher_sum = _teacher_pass(teacher, center, t_scale, n_sms)
+        nb = m_part.shape[1]
 
         # (b) student pass: global crops (NT = G - 1), then local crops (NT = G)
         loss_rows = torch.empty(R_s, dtype=torch.float32, device=device)

@@ -6,23 +6,22 @@ n_r = sum_k Q_r(k), M_r = max_k x_r(k), S_r = sum_k exp(x_r(k) - M_r), weights w
 
 Exponentials are base 2 as in dino_loss.py, with every max subtracted BEFORE the scaling:
 softmax(x_r)(k) = exp2((s(k) - max s) * log2(e) / tau_s) / S and, with y = t - c,
-Q(k) = exp2((y(k) - max y) * log2(e) / tau_t - log2 S_t). The top entry of a teacher row then
-has the exponent 0 - log2 S_t exactly, and no exponent passes through a float32 number of size
-|y| log2(e) / tau_t (~430 for |y| = 12 at tau_t = 0.04), whose half ulp 1.5e-5 would scale the
-row's Q by up to 1e-5 (dino_loss's scaled max, and its fused (t - c) * scale - max, do).
+Q(k) = exp2((y(k) - max y) * log2(e) / tau_t - log2 S_t), dino_loss's teacher softmax (its
+docstring says why this order).
 
 Kernels (float32 accumulation whatever the input dtypes; no atomics):
 
 (a) The teacher pass, which reads the teacher from memory once and gives teacher_sum:
-    - logits: ``_teacher_stats_kernel``, grid and configuration of dino_loss's teacher kernel
-      (NB column blocks x NRG row groups, [ROWS, BLOCK] tiles): per (teacher row, column block)
-      the max of y and sum_k exp2((y - max) * log2(e) / tau_t), to an (R_t, NB) pair of buffers,
-      and the teacher's column sums to an (NRG, K) buffer that torch sums over its rows.
+    - logits: dino_loss's teacher pass (``_teacher_pass``: NB column blocks x NRG row groups,
+      [ROWS, BLOCK] tiles): per (teacher row, column block) the max of y and
+      sum_k exp2((y - max) * log2(e) / tau_t), to an (R_t, NB) pair of buffers, and the
+      teacher's column sums.
     - probabilities: sinkhorn's column-sum pass (nothing else is needed from the teacher before
       the row programs).
 (b) ``_soft_ce_row_kernel``, one program per student row, programs ordered teacher-row-major
     (pid -> j = pid // (R_s / R_t)): the programs of one teacher row run together and share it
-    through L2. Prologue (logits): max y and log2 S_t of teacher row j from its NB partials.
+    through L2. Prologue (logits): max y and log2 S_t of teacher row j from its NB partials
+    (dino_loss's ``_teacher_row_stats``, as the DINO loss's student kernel combines them).
     Loop 1 over K in BLOCK steps: the online max m and sum-exp2 d of the student row, and per lane
     n = sum Q and a = sum Q (m - s), the contract's cancellation-free loss terms: when the running
     max grows by delta, a grows by n * delta, so a stays a sum of non-negative terms and no large
@@ -54,46 +53,6 @@ NUM_STAGES = 1  # a plain loop; see dino_loss.STUDENT_NUM_STAGES
 
 
 @triton.jit
-def _teacher_stats_kernel(
-    t_ptr,
-    c_ptr,
-    m_part_ptr,
-    s_part_ptr,
-    tsum_ptr,
-    R_t,
-    K,
-    NB,
-    rows_per_group,
-    t_scale,
-    ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid_k = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
-    cmask = cols < K
-    # other=+inf: masked columns get y = -inf, i.e. exp2 = 0
-    c = tl.load(c_ptr + cols, mask=cmask, other=float("inf"))
-    csum = tl.zeros([BLOCK], dtype=tl.float32)
-    r_begin = pid_r * rows_per_group
-    r_end = tl.minimum(r_begin + rows_per_group, R_t)
-    for r0 in range(r_begin, r_end, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        rmask = rows < r_end
-        mask = rmask[:, None] & cmask[None, :]
-        t = tl.load(
-            t_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=mask, other=0.0
-        ).to(tl.float32)
-        csum += tl.sum(t, axis=0)
-        y = t - c[None, :]
-        m = tl.max(y, axis=1)
-        se = tl.sum(tl.exp2((y - m[:, None]) * t_scale), axis=1)
-        tl.store(m_part_ptr + rows * NB + pid_k, m, mask=rmask)
-        tl.store(s_part_ptr + rows * NB + pid_k, se, mask=rmask)
-    tl.store(tsum_ptr + pid_r.to(tl.int64) * K + cols, csum, mask=cmask)
-
-
-@triton.jit
 def _teacher_probs(t_row, c_ptr, cols, cmask, t_scale, y_max, log2_sum, PROBS: tl.constexpr):
     """Q over the columns ``cols`` of one teacher row (0 on masked columns)."""
     t = tl.load(t_row + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -102,7 +61,7 @@ def _teacher_probs(t_row, c_ptr, cols, cmask, t_scale, y_max, log2_sum, PROBS: t
     else:
         # other=+inf: masked columns get y = -inf, Q = 0
         c = tl.load(c_ptr + cols, mask=cmask, other=float("inf"))
-        return tl.exp2(((t - c) - y_max) * t_scale - log2_sum)
+        return dino_loss._teacher_softmax(t - c, y_max, log2_sum, t_scale)
 
 
 @triton.jit
@@ -140,13 +99,13 @@ def _soft_ce_row_kernel(
         y_max = 0.0
         log2_sum = 0.0
     else:
-        # max y and log2 S_t of teacher row j from the teacher pass's per-column-block partials
-        nb = tl.arange(0, NB_P2)
+        # max y and log2 S_t of teacher row j from the teacher pass's per-column-block partials,
+        # a [1, NB_P2] tile (the shapes [1] broadcast over the blocks of the row)
+        nb = tl.arange(0, NB_P2)[None, :]
         pmask = nb < NB
         pm = tl.load(m_part_ptr + j * NB + nb, mask=pmask, other=float("-inf"))
         ps = tl.load(s_part_ptr + j * NB + nb, mask=pmask, other=0.0)
-        y_max = tl.max(pm, axis=0)
-        log2_sum = tl.log2(tl.sum(ps * tl.exp2((pm - y_max) * t_scale), axis=0))
+        y_max, log2_sum = dino_loss._teacher_row_stats(pm, ps, t_scale)
 
     # Loop 1. m starts at s[0], a finite lower bound of the row max: the rescaling by m_new - m
     # never meets -inf - (-inf).
@@ -190,36 +149,17 @@ def _row_config(K: int):
 def soft_cross_entropy_forward(student, teacher, center, weights, grad, student_temp, teacher_temp,
                                teacher_is_probs):
     """Returns (loss: 0-d float32, teacher_sum: (K,) float32) and writes d loss / d student to grad."""
-    check_float_tensor(student, "student", dim=2)
-    check_float_tensor(teacher, "teacher", dim=2)
-    check_float_tensor(center, "center", (torch.float32,), dim=1)
+    R_s, R_t, K = dino_loss._check_student_teacher(student, teacher, center, grad)
     check_float_tensor(weights, "weights", (torch.float32,), dim=1)
-    check_float_tensor(grad, "grad", dim=2)
+    if tuple(weights.shape) != (R_s,):
+        raise ValueError(f"weights must have shape ({R_s},), one per student row, got {tuple(weights.shape)}")
+    if weights.device != student.device:
+        raise ValueError(f"weights is on {weights.device} but student is on {student.device}")
     if not isinstance(teacher_is_probs, bool):
         raise ValueError(f"teacher_is_probs must be a bool, got {type(teacher_is_probs).__name__}")
     tau_s = dino_loss._check_positive(student_temp, "student_temp")
     # teacher_temp is read only for teacher logits
     tau_t = 1.0 if teacher_is_probs else dino_loss._check_positive(teacher_temp, "teacher_temp")
-
-    R_s, K = student.shape
-    R_t = teacher.shape[0]
-    if K < 1:
-        raise ValueError(f"student must have at least one column, got shape {tuple(student.shape)}")
-    if teacher.shape[1] != K:
-        raise ValueError(f"teacher has {teacher.shape[1]} columns but student has {K}")
-    if center.shape[0] != K:
-        raise ValueError(f"center must have shape ({K},), got {tuple(center.shape)}")
-    if tuple(weights.shape) != (R_s,):
-        raise ValueError(f"weights must have shape ({R_s},), one per student row, got {tuple(weights.shape)}")
-    if tuple(grad.shape) != (R_s, K):
-        raise ValueError(f"grad must have the student's shape {(R_s, K)}, got {tuple(grad.shape)}")
-    if grad.dtype not in (student.dtype, torch.float32):
-        raise ValueError(
-            f"grad must have the student's dtype {student.dtype} or float32, got {grad.dtype}"
-        )
-    for name, x in (("teacher", teacher), ("center", center), ("weights", weights), ("grad", grad)):
-        if x.device != student.device:
-            raise ValueError(f"{name} is on {x.device} but student is on {student.device}")
     if R_t < 1 or R_s % R_t != 0:
         raise ValueError(f"student rows ({R_s}) must be a multiple of the teacher rows ({R_t} >= 1): "
                          f"student row r pairs with teacher row r % R_t")
@@ -233,18 +173,9 @@ def soft_cross_entropy_forward(student, teacher, center, weights, grad, student_
             nb = 1
             m_part = s_part = weights  # placeholders: the row kernel does not read them
         else:
-            n_sms = sinkhorn._n_sms(device)
-            block_t, nb, rows_t, nrg, rows_per_group, warps_t = dino_loss._teacher_config(R_t, K, n_sms)
-            m_part = torch.empty((R_t, nb), dtype=torch.float32, device=device)
-            s_part = torch.empty((R_t, nb), dtype=torch.float32, device=device)
-            tsum_out = torch.empty((nrg, K), dtype=torch.float32, device=device)
-            _teacher_stats_kernel[(nb, nrg)](
-                teacher, center, m_part, s_part, tsum_out,
-                R_t, K, nb, rows_per_group, t_scale,
-                ROWS=rows_t, BLOCK=block_t,
-                num_warps=warps_t, enable_fp_fusion=True,
-            )
-            teacher_sum = tsum_out[0] if nrg == 1 else tsum_out.sum(dim=0)
+            m_part, s_part, teacher_sum = dino_loss._teacher_pass(teacher, center, t_scale,
+                                                                  sinkhorn._n_sms(device))
+            nb = m_part.shape[1]
 
         # (b) row pass
         loss_rows = torch.empty(R_s, dtype=torch.float32, device=device)
