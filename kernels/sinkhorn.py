@@ -112,6 +112,15 @@ def _column_sums_kernel(x_ptr, v_ptr, part_ptr, R, K, rows_per_group,
 
 
 @triton.jit
+def _column_scaled_entries(e_row, u_ptr, cols, cmask):
+    """E[r, k] u_k over the columns ``cols`` of one row (0 where masked): the products that the
+    row sums add up and that the normalization scales by 1 / their sum."""
+    e = tl.load(e_row + cols, mask=cmask, other=0.0)
+    u = tl.load(u_ptr + cols, mask=cmask, other=0.0)
+    return e * u
+
+
+@triton.jit
 def _row_sums_kernel(e_ptr, u_ptr, part_ptr, K, chunk, NC, BLOCK: tl.constexpr):
     """part[r, c] = sum over chunk c of row r of E[r, k] u_k."""
     row = tl.program_id(0)
@@ -123,10 +132,7 @@ def _row_sums_kernel(e_ptr, u_ptr, part_ptr, K, chunk, NC, BLOCK: tl.constexpr):
     k_end = tl.minimum(k_begin + chunk, K)
     for k0 in range(k_begin, k_end, BLOCK):
         cols = k0 + offs
-        cmask = cols < K
-        e = tl.load(e_row + cols, mask=cmask, other=0.0)
-        u = tl.load(u_ptr + cols, mask=cmask, other=0.0)
-        acc += e * u
+        acc += _column_scaled_entries(e_row, u_ptr, cols, cols < K)
     tl.store(part_ptr + row * NC + c, tl.sum(acc, axis=0))
 
 
@@ -143,9 +149,7 @@ def _scale_entries_kernel(e_ptr, u_ptr, v_ptr, K, chunk, BLOCK: tl.constexpr):
     for k0 in range(k_begin, k_end, BLOCK):
         cols = k0 + offs
         cmask = cols < K
-        e = tl.load(e_row + cols, mask=cmask, other=0.0)
-        u = tl.load(u_ptr + cols, mask=cmask, other=0.0)
-        tl.store(e_row + cols, e * u * v, mask=cmask)
+        tl.store(e_row + cols, _column_scaled_entries(e_row, u_ptr, cols, cmask) * v, mask=cmask)
 
 
 def _n_sms(device: torch.device) -> int:
