@@ -9,6 +9,19 @@ One pipeline definition serves both devices:
 Each image is decoded once and all of its crops are cut from the decoded image (rather than a
 region-of-interest decode per crop, which would parse the JPEG 2 + n_local times).
 
+Reduced resolution (CPU pipeline only): when every crop of an image is downscaled by at least
+2^(L + 1) on both axes (L <= 3), the decoded image is first halved L times by exact 2x2 box
+averages and the crops are cut from that, their boxes scaled by 2^-L, by the same antialiased
+bicubic resize. DALI's CPU resize costs in proportion to the side of its input region, so each
+halving about halves the crops' resizes. The box is what decoding a JPEG at a reduced DCT scale
+approximates; DALI's decoders take no scale, and decoding on the host would take the decoder out
+of the graph that the GPU pipeline shares. The boxes add a blur of variance under 1/48 of an
+output pixel^2 (``halvings``; tests/test_data_reduced_resolution.py bounds the difference from
+the release's pixels). With the release's crops it applies from about 2000x1500 pixels on; never
+on ImageNet-sized images (500x375), whose 224-pixel global crops are downscaled 1.06-1.66x.
+The GPU pipeline (``device_id`` set) has the same graph with L = 0 for every image, so its
+output is unchanged.
+
 The random draws come from ``recipe.sample_crop_parameters`` (fed in per sample through an
 external source), so DALI's own random generators are not used and a batch is a pure function of
 its position.
@@ -47,6 +60,20 @@ N_CROP_PARAMETERS = 9
 # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
 _LUMA = np.array([0.299, 0.587, 0.114])
 _ONES = np.ones(3)
+
+# Resolution reduction: at most 3 halvings (1/8, as libjpeg's smallest DCT scale). Layout of
+# the per-image vector: the number of halvings L, then for each halving l = 1..3 the size (h, w)
+# of the image after it and the region (2h, 2w) of the image before it that it averages (one
+# row or column past an odd side, which the resize fills with the edge).
+MAX_HALVINGS = 3
+_HALVINGS = 0
+N_IMAGE_PARAMETERS = 1 + 4 * MAX_HALVINGS
+
+
+def _halving_slices(level: int) -> tuple[slice, slice]:
+    """(size after halving ``level`` (0-based), extent it averages) in the per-image vector."""
+    start = 1 + 4 * level
+    return slice(start, start + 2), slice(start + 2, start + 4)
 
 
 def import_dali():
@@ -88,6 +115,62 @@ def pack_crop_parameters(crops: list[CropParameters], blur_kernel_size: int) -> 
     # one sample per image, as DALI takes them: two inputs to feed rather than two per crop
     return (np.ascontiguousarray(packed.reshape(n_crops, batch, N_CROP_PARAMETERS).swapaxes(0, 1)),
             np.ascontiguousarray(colors.reshape(n_crops, batch, 7, 3).swapaxes(0, 1)))
+
+
+def encoded_image_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's or PNG's header, or None for anything else (left to the
+    decoder, which names the problem). The sizes DALI decodes to: EXIF orientation is ignored."""
+    import simplejpeg
+
+    header = data[:24].tobytes()
+    if header.startswith(b"\x89PNG\r\n\x1a\n") and header[12:16] == b"IHDR":
+        width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+        return height, width
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return height, width
+
+
+def halvings(boxes: np.ndarray, crop_sizes) -> np.ndarray:
+    """(B,) int: how many times L (at most MAX_HALVINGS) each image is halved by 2x2 box
+    averages before its crops are cut: the largest L such that every crop of the image is
+    downscaled by at least 2^(L + 1) on both axes, twice the reduction. A crop upsampled or
+    downscaled less thus comes from the full image, and the boxes' blur, of variance
+    (4^L - 1) / 12 source pixels^2, stays under 1/48 of an output pixel^2.
+
+    boxes: (n_crops, B, 4) top, left, height, width; crop_sizes: each crop's output side."""
+    boxes = np.asarray(boxes)
+    factor = (np.minimum(boxes[..., 2], boxes[..., 3]) / np.asarray(crop_sizes, dtype=np.float64)[:, None]).min(axis=0)
+    levels = np.floor(np.log2(np.maximum(factor, 1))).astype(np.int64) - 1
+    return np.clip(levels, 0, MAX_HALVINGS)
+
+
+def reduced_crop_parameters(params: np.ndarray, image_sizes: np.ndarray, crop_sizes) -> tuple[np.ndarray, np.ndarray]:
+    """The crops' parameter rows with their boxes in the coordinates of the halved images, and
+    the (B, N_IMAGE_PARAMETERS) float32 per-image vectors of the halvings (see ``halvings``).
+    An odd side is halved to ceil(side / 2): the last pixel averages the edge with itself, as
+    the resize repeats edge pixels anyway, and the boxes scale by exactly 1/2.
+
+    params: ``pack_crop_parameters``' rows (B, n_crops, N_CROP_PARAMETERS); image_sizes: (B, 2)
+    (height, width), (0, 0) for an image whose size is unknown, which is not halved."""
+    top_left, bottom_right = params[:, :, _ROI_START], params[:, :, _ROI_END]
+    boxes = np.concatenate([top_left, bottom_right - top_left], axis=2).swapaxes(0, 1)
+    sizes = np.asarray(image_sizes, dtype=np.int64)
+    levels = np.where((sizes > 0).all(axis=1), halvings(boxes, crop_sizes), 0)
+    vectors = np.zeros((len(levels), N_IMAGE_PARAMETERS), dtype=np.float32)
+    vectors[:, _HALVINGS] = levels
+    for level in range(MAX_HALVINGS):
+        size, extent = _halving_slices(level)
+        halved = (sizes + 2 ** (level + 1) - 1) >> (level + 1)  # ceil(side / 2^(level + 1))
+        vectors[:, size] = halved
+        vectors[:, extent] = 2 * halved
+    reduced = params.copy()
+    scale = (0.5 ** levels).astype(np.float32)[:, None, None]
+    reduced[:, :, _ROI_START] *= scale
+    reduced[:, :, _ROI_END] *= scale
+    return reduced, vectors
 
 
 def color_transform(crop: CropParameters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,22 +219,46 @@ def _gray_axis_rotation(angles: np.ndarray) -> np.ndarray:
 
 def build_dali_pipeline(source, recipe: MultiCropRecipe, n_local_crops: int, batch_size: int,
                         num_threads: int, device_id: int | None, half_precision: bool,
-                        prefetch_queue_depth: int = 2):
+                        prefetch_queue_depth: int = 2, reduce_resolution: bool | None = None):
     """A built DALI pipeline whose outputs are the normalized crops (CHW), global crops first.
 
     source: a callable returning, per batch, ``(encoded_images, params, colors)``: a list of
     uint8 arrays (the files' bytes) and the arrays of ``pack_crop_parameters``.
+    reduce_resolution: cut the crops of images that all their crops downscale >= 4x from the
+    image halved by 2x2 box averages (``halvings``, the module's notes); default: on the CPU
+    only. The images' sizes are read from their headers.
     """
     fn, dali_math, types, pipeline_def = import_dali()
     on_gpu = device_id is not None
     output_type = types.FLOAT16 if half_precision else types.FLOAT
+    crop_sizes = recipe.crop_sizes(n_local_crops)
+    if reduce_resolution is None:
+        reduce_resolution = not on_gpu
+
+    def source_with_halvings():
+        encoded, params, colors = source()
+        if not reduce_resolution:
+            return encoded, params, np.zeros((len(encoded), N_IMAGE_PARAMETERS), dtype=np.float32), colors
+        sizes = np.array([encoded_image_size(data) or (0, 0) for data in encoded], dtype=np.int64)
+        return encoded, *reduced_crop_parameters(params, sizes, crop_sizes), colors
+
+    def halve(image, image_params, level):
+        # one conditional per halving: images halved fewer times skip it at no cost
+        if image_params[_HALVINGS] > level + 0.5:
+            size, extent = _halving_slices(level)
+            image = fn.resize(image, size=image_params[size], roi_start=(0.0, 0.0), roi_end=image_params[extent],
+                              interp_type=types.INTERP_LINEAR, antialias=False)  # exact 2x2 averages
+        return image
 
     def augment(decoded, params, colors, size, crop_kind):
         crop = fn.resize(decoded, size=(size, size), roi_start=params[_ROI_START], roi_end=params[_ROI_END],
                          interp_type=types.INTERP_CUBIC, antialias=True)
         mean_color = fn.reshape(fn.reductions.mean(crop, axes=(0, 1), dtype=types.FLOAT), shape=[1, 3])
         offset = fn.coord_transform(mean_color, M=colors[3:6], T=colors[6])
-        image = dali_math.clamp(fn.coord_transform(crop, M=colors[0:3], dtype=types.FLOAT) + offset, 0.0, 255.0)
+        # min(max()) rather than clamp(): the same values, and DALI's CPU clamp reads its bounds
+        # through a per-element type dispatch (3% of the CPU pipeline's instructions)
+        image = dali_math.min(dali_math.max(fn.coord_transform(crop, M=colors[0:3], dtype=types.FLOAT) + offset, 0.0),
+                              255.0)
         if recipe.blur_probabilities[crop_kind] > 0 and params[_BLUR] > 0.5:
             image = fn.gaussian_blur(image, window_size=fn.cast(params[_WINDOW], dtype=types.INT32),
                                      sigma=params[_SIGMA])
@@ -163,12 +270,15 @@ def build_dali_pipeline(source, recipe: MultiCropRecipe, n_local_crops: int, bat
 
     @pipeline_def(enable_conditionals=True)
     def multicrop_pipeline():
-        encoded, params, colors = fn.external_source(source=source, num_outputs=3, batch=True,
-                                                     dtype=[types.UINT8, types.FLOAT, types.FLOAT])
-        decoded = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
-                                    adjust_orientation=False)  # PIL, hence the release, ignores EXIF
-        return tuple(augment(decoded, params[i], colors[i], size, recipe.crop_kind(i))
-                     for i, size in enumerate(recipe.crop_sizes(n_local_crops)))
+        encoded, params, image_params, colors = fn.external_source(
+            source=source_with_halvings, num_outputs=4, batch=True,
+            dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT])
+        image = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+                                  adjust_orientation=False)  # PIL, hence the release, ignores EXIF
+        for level in range(MAX_HALVINGS):
+            image = halve(image, image_params, level)
+        return tuple(augment(image, params[i], colors[i], size, recipe.crop_kind(i))
+                     for i, size in enumerate(crop_sizes))
 
     pipeline = multicrop_pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                                   prefetch_queue_depth=prefetch_queue_depth,
