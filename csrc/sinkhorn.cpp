@@ -190,6 +190,14 @@ void check_vector(const at::Tensor& t, const char* name, int64_t size, const cha
               matrix_name, " has shape ", matrix.sizes(), "), got shape ", t.sizes());
 }
 
+// E, a float32 (R, K) matrix, and its float32 scale vector: one element per column of E
+// (per_column, K elements) or per row (R elements).
+void check_scaled_matrix(const at::Tensor& E, const at::Tensor& scale, const char* scale_name,
+                         bool per_column) {
+  check_matrix(E, "E", true);
+  check_vector(scale, scale_name, E.size(per_column ? 1 : 0), per_column ? "K" : "R", E, "E");
+}
+
 }  // namespace
 
 at::Tensor sinkhorn_column_max(const at::Tensor& logits) {
@@ -248,10 +256,9 @@ at::Tensor sinkhorn_exp_(const at::Tensor& logits, const at::Tensor& shift, doub
 }
 
 at::Tensor sinkhorn_row_scales(const at::Tensor& E, const at::Tensor& column_scale) {
-  check_matrix(E, "E", true);
+  check_scaled_matrix(E, column_scale, "column_scale", /*per_column=*/true);
   const int64_t R = E.size(0);
   const int64_t K = E.size(1);
-  check_vector(column_scale, "column_scale", K, "K", E, "E");
   at::Tensor v = at::empty({R}, E.options());
   const float* e = E.data_ptr<float>();
   const float* u = column_scale.data_ptr<float>();
@@ -263,10 +270,9 @@ at::Tensor sinkhorn_row_scales(const at::Tensor& E, const at::Tensor& column_sca
 }
 
 at::Tensor sinkhorn_column_sums(const at::Tensor& E, const at::Tensor& row_scale) {
-  check_matrix(E, "E", true);
+  check_scaled_matrix(E, row_scale, "row_scale", /*per_column=*/false);
   const int64_t R = E.size(0);
   const int64_t K = E.size(1);
-  check_vector(row_scale, "row_scale", R, "R", E, "E");
   at::Tensor c = at::empty({K}, E.options());
   const float* e = E.data_ptr<float>();
   const float* v = row_scale.data_ptr<float>();
@@ -280,10 +286,9 @@ at::Tensor sinkhorn_column_sums(const at::Tensor& E, const at::Tensor& row_scale
 }
 
 void sinkhorn_normalize_rows_(const at::Tensor& E, const at::Tensor& column_scale) {
-  check_matrix(E, "E", true);
+  check_scaled_matrix(E, column_scale, "column_scale", /*per_column=*/true);
   const int64_t R = E.size(0);
   const int64_t K = E.size(1);
-  check_vector(column_scale, "column_scale", K, "K", E, "E");
   TORCH_CHECK(at::get_overlap_status(E, column_scale) == at::MemOverlapStatus::No,
               "fastdino: E must not overlap column_scale");
   float* e = E.data_ptr<float>();
