@@ -18,6 +18,7 @@ from fastdino.data import BatchPlan, MultiCropRecipe, dali_available, sample_cro
 from fastdino.data.dali_pipeline import (
     MAX_HALVINGS,
     encoded_image_size,
+    halving_inputs,
     halvings,
     pack_crop_parameters,
     reduced_crop_parameters,
@@ -102,6 +103,27 @@ def test_encoded_image_size_reads_jpeg_and_png_headers(numpy_generator):
         Image.fromarray(pixels).save(buffer, format=image_format)
         assert encoded_image_size(np.frombuffer(buffer.getvalue(), dtype=np.uint8)) == (37, 53)
     assert encoded_image_size(np.frombuffer(b"GIF89a" + bytes(40), dtype=np.uint8)) is None
+
+
+def test_halving_inputs_read_the_headers_and_leave_the_gpu_inputs_alone(numpy_generator, random_seed):
+    """What the external source feeds: halvings from each file's header (a PNG, a JPEG, bytes of
+    neither: not halved), or none at all without ``reduce_resolution``, as on the GPU."""
+    from PIL import Image
+
+    recipe = MultiCropRecipe(global_crop_size=24, local_crop_size=10)
+    encoded = []
+    for image_format in ("PNG", "JPEG"):
+        buffer = io.BytesIO()
+        Image.fromarray(numpy_generator.integers(0, 256, (381, 509, 3), dtype=np.uint8)).save(buffer, format=image_format)
+        encoded.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+    encoded.append(np.zeros(100, dtype=np.uint8))
+    crops = sample_crop_parameters(recipe, 2, [[381, 509]] * 3, batch_generator(random_seed, 0, 0, 2))
+    params, _ = pack_crop_parameters(crops, recipe.blur_kernel_size)
+    halved_params, vectors = halving_inputs(encoded, params, recipe.crop_sizes(2), reduce_resolution=True)
+    assert vectors[:, 0].tolist() == [2, 2, 0]
+    np.testing.assert_array_equal(halved_params[2], params[2])
+    unchanged, none = halving_inputs(encoded, params, recipe.crop_sizes(2), reduce_resolution=False)
+    assert unchanged is params and none.shape == vectors.shape and not none.any()
 
 
 # -- the pipeline --------------------------------------------------------------------------------

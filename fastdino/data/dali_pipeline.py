@@ -173,6 +173,16 @@ def reduced_crop_parameters(params: np.ndarray, image_sizes: np.ndarray, crop_si
     return reduced, vectors
 
 
+def halving_inputs(encoded: list[np.ndarray], params: np.ndarray, crop_sizes,
+                   reduce_resolution: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(params, per-image vectors) as the pipeline takes them: ``reduced_crop_parameters`` of the
+    images' header sizes, or the params unchanged and no halvings (the GPU pipeline)."""
+    if not reduce_resolution:
+        return params, np.zeros((len(encoded), N_IMAGE_PARAMETERS), dtype=np.float32)
+    sizes = np.array([encoded_image_size(data) or (0, 0) for data in encoded], dtype=np.int64).reshape(-1, 2)
+    return reduced_crop_parameters(params, sizes, crop_sizes)
+
+
 def color_transform(crop: CropParameters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(A, P, q), each (B, 3, 3) / (B, 3, 3) / (B, 3): the jittered-and-grayscaled colour of
     pixel x is A x + P mu + q, with mu the crop's mean colour (RGB, 0..255). Vectorized over
@@ -237,10 +247,7 @@ def build_dali_pipeline(source, recipe: MultiCropRecipe, n_local_crops: int, bat
 
     def source_with_halvings():
         encoded, params, colors = source()
-        if not reduce_resolution:
-            return encoded, params, np.zeros((len(encoded), N_IMAGE_PARAMETERS), dtype=np.float32), colors
-        sizes = np.array([encoded_image_size(data) or (0, 0) for data in encoded], dtype=np.int64)
-        return encoded, *reduced_crop_parameters(params, sizes, crop_sizes), colors
+        return encoded, *halving_inputs(encoded, params, crop_sizes, reduce_resolution), colors
 
     def halve(image, image_params, level):
         # one conditional per halving: images halved fewer times skip it at no cost
