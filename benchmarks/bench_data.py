@@ -10,6 +10,11 @@ Providers: "release torchvision recipe" (``DataAugmentationDINO`` + ``ImageFolde
 ``DataLoader``, as main_dino.py), "fastdino torchvision" (the fallback backend) and
 "fastdino dali-cpu" / "fastdino dali-gpu" (DALI on this machine's device).
 
+Large photos (``large_photo_cases``, DALI only): 2000x1500 JPEGs, where every crop of the release's
+recipe is downscaled >= 4x and the DALI CPU pipeline halves the images before cutting their crops
+(``fastdino.data.dali_pipeline.halvings``): the loader as it runs, the release's loader, and the
+DALI CPU pipeline alone with and without the halvings on the same batches.
+
 Host side of the DALI backend, on the CPU: the milliseconds of each part of a batch's host work
 (``host_work_cases``), and the training thread's data-wait against a stand-in training step of
 fixed duration at the GPU target rate, 64 images per 21 ms (``data_wait_cases``). The GPU
@@ -47,7 +52,7 @@ from fastdino.data import (
     scan_images,
     write_sample_photo_folder,
 )
-from fastdino.data.dali_pipeline import pack_crop_parameters
+from fastdino.data.dali_pipeline import build_dali_pipeline, pack_crop_parameters
 from fastdino.data.loader import dali_batch_inputs, prefetch_in_thread
 from measure import Case, Provider, Target
 
@@ -109,7 +114,49 @@ def cases(device: torch.device, quick: bool):
                "images": f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG photos", "cpu_threads": threads},
         providers=providers, baselines=[release], targets=targets, items_per_run=batch_size * BATCHES_PER_RUN,
         repeats=repeats,
-    )] + host_work_cases(quick) + data_wait_cases(quick) + index_cases(quick)
+    )] + large_photo_cases(device, quick) + host_work_cases(quick) + data_wait_cases(quick) + index_cases(quick)
+
+
+LARGE_IMAGE_SIZE = (2000, 1500)
+
+
+def large_photo_cases(device: torch.device, quick: bool):
+    """The CPU pipeline on photos large enough to be halved (one halving for most at 2000x1500)."""
+    if not dali_available() or device.type != "cpu":
+        return []
+    batch_size = 8 if quick else 16
+    repeats = 3 if quick else 6
+    threads = len(os.sched_getaffinity(0))
+    n_batches = BATCHES_PER_RUN * (repeats + 2)
+    folder = write_sample_photo_folder(tempfile.mkdtemp(prefix="fastdino-bench-large-"),
+                                       n_images=batch_size * n_batches, image_size=LARGE_IMAGE_SIZE)
+    index = scan_images(folder, verbose=False, use_cache=False)
+    plan = BatchPlan(index, batch_size, MultiCropRecipe(), N_LOCAL_CROPS, seed=0, shard_id=0, num_shards=1,
+                     drop_last=True)
+
+    def pipeline_alone(reduce_resolution):
+        positions = _positions(plan)
+        pipeline = build_dali_pipeline(lambda: dali_batch_inputs(plan, *next(positions))[1], plan.recipe, N_LOCAL_CROPS,
+                                       batch_size, threads, None, False, reduce_resolution=reduce_resolution)
+
+        def run(_):
+            for _ in range(BATCHES_PER_RUN):
+                pipeline.run()
+        return run
+
+    release = f"release torchvision recipe ({threads} workers)"
+    full, halved = (f"DALI CPU pipeline alone, {kind} ({threads} threads)" for kind in ("full resolution", "halved"))
+    providers = [
+        _provider(release, lambda: release_multicrop_loader(folder, batch_size, N_LOCAL_CROPS, threads), labeled=True),
+        _provider(f"fastdino dali-cpu ({threads} threads)",
+                  lambda: build_multicrop_loader(folder, batch_size, n_local_crops=N_LOCAL_CROPS, backend="dali",
+                                                 device=device, num_threads=threads, verbose=False)),
+        Provider(full, pipeline_alone(False)), Provider(halved, pipeline_alone(True))]
+    return [Case(suite="data", name="multi-crop loading, large photos", dtype="float32",
+                 sizes={"batch": batch_size, "crops": f"2x224+{N_LOCAL_CROPS}x96",
+                        "images": f"{LARGE_IMAGE_SIZE[0]}x{LARGE_IMAGE_SIZE[1]} JPEG photos", "cpu_threads": threads},
+                 providers=providers, baselines=[release, full], items_per_run=batch_size * BATCHES_PER_RUN,
+                 repeats=repeats)]
 
 
 def _photo_plan(batch_size: int, n_batches: int) -> BatchPlan:
