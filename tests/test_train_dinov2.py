@@ -115,7 +115,6 @@ def test_step_terms_are_dinov2s_formulas(centering, generator):
     values = ScheduledValues(epoch=0, learning_rate=0.0, weight_decay=0.0, teacher_momentum=0.99,
                              teacher_temperature=TEACHER_TEMP)
 
-    step._start_center_sums()
     loss, terms, _ = step._loss(crops, masks, values, measure=False)
     with torch.no_grad():
         t = teacher(crops, dinov2_outputs=True, mask_indices=masks.mask_indices)

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from fastdino.ops import CenterUpdate, dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_, soft_cross_entropy
+from fastdino.ops import dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_, soft_cross_entropy
 from fastdino.ops.dino_loss import count_loss_pairs
 
 from .collapse import teacher_entropy
 from .schedules import ScheduledValues
-from .step import N_GLOBAL_CROPS, DINOStep
+from .step import N_GLOBAL_CROPS, CenterSum, DINOStep
 
 
 def _entropy_of(probabilities: torch.Tensor) -> torch.Tensor:
@@ -42,25 +42,10 @@ class DINOv2Step(DINOStep):
                  ibot_loss_weight: float, koleo_loss_weight: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.patch_center = patch_center
-        self.patch_center_update = CenterUpdate(patch_center, self.center_update.momentum)
+        self.patch_center_sum = CenterSum(patch_center, self.center_sum.update.momentum, mean_of_rank_means=True)
+        self.center_sums.append(self.patch_center_sum)
         self.centering = centering
         self.weights = {"dino": dino_loss_weight, "ibot": ibot_loss_weight, "koleo": koleo_loss_weight}
-
-    def _start_center_sums(self) -> None:
-        super()._start_center_sums()
-        self._patch_sum, self._patch_rows = None, 0
-
-    def _start_center_updates(self) -> None:
-        super()._start_center_updates()
-        if self._patch_sum is not None:
-            # The mean of the ranks' means, as DINOv2 and lightly compute the patch center: the
-            # ranks' masked-patch counts differ.
-            self.patch_center_update.start(self._patch_sum / max(self._patch_rows, 1), 1)
-
-    def _finish_center_updates(self) -> None:
-        super()._finish_center_updates()
-        if self._patch_sum is not None:
-            self.patch_center_update.finish()
 
     def _loss(self, crops, masks, values: ScheduledValues, measure: bool):
         use_ibot = masks is not None and self.weights["ibot"] > 0
@@ -90,7 +75,7 @@ class DINOv2Step(DINOStep):
                 student_logits, teacher_logits, self.center, n_global_crops=N_GLOBAL_CROPS,
                 student_temp=self.student_temp, teacher_temp=temperature, backend=self.ops_backend,
                 overwrite_student_logits=True, check_finite=False)
-            self._add_to_center_sum(teacher_sum, teacher_logits.shape[0])
+            self.center_sum.add(teacher_sum, teacher_logits.shape[0])
             if measure:
                 measured["teacher_entropy"] = teacher_entropy(teacher_logits, self.center, temperature)
             return loss
@@ -119,8 +104,7 @@ class DINOv2Step(DINOStep):
                 student_logits, teacher_logits, self.patch_center, masks.masks_weight, n_crops=n_crops,
                 student_temp=self.student_temp, teacher_temp=temperature, backend=self.ops_backend,
                 overwrite_student_logits=True, check_finite=False)
-            self._patch_sum = teacher_sum if self._patch_sum is None else self._patch_sum + teacher_sum
-            self._patch_rows += teacher_logits.shape[0]
+            self.patch_center_sum.add(teacher_sum, teacher_logits.shape[0])
             if measure and teacher_logits.shape[0]:
                 measured["patch_teacher_entropy"] = teacher_entropy(teacher_logits, self.patch_center, temperature)
             return loss

@@ -44,6 +44,37 @@ class StepResult:
     patch_teacher_entropy: torch.Tensor | None = None  # DINOv2: of the iBOT head's targets
 
 
+class CenterSum:
+    """A center's teacher column sums over the micro-batches of a step, then its update: ``start``
+    launches the all-reduce, ``finish`` moves the center. ``mean_of_rank_means``: the batch center
+    is the mean of the ranks' means (DINOv2's and lightly's patch center, whose row counts differ
+    between ranks), else the mean over all rows."""
+
+    def __init__(self, center: torch.Tensor, momentum: float, mean_of_rank_means: bool = False):
+        self.update = CenterUpdate(center, momentum)
+        self.mean_of_rank_means = mean_of_rank_means
+        self.reset()
+
+    def reset(self) -> None:
+        self.sum, self.rows = None, 0
+
+    def add(self, teacher_sum: torch.Tensor, rows: int) -> None:
+        self.sum = teacher_sum if self.sum is None else self.sum + teacher_sum
+        self.rows += rows
+
+    def start(self) -> None:
+        if self.sum is None:
+            return
+        if self.mean_of_rank_means:
+            self.update.start(self.sum / max(self.rows, 1), 1)
+        else:
+            self.update.start(self.sum, self.rows)
+
+    def finish(self) -> None:
+        if self.sum is not None:
+            self.update.finish()
+
+
 class DINOStep:
     """Callable training step over the student (possibly DDP-wrapped) and its teacher.
 
@@ -68,7 +99,8 @@ class DINOStep:
         self.autocast_dtype = autocast_dtype
         self.scaler = scaler
         self.ops_backend = ops_backend
-        self.center_update = CenterUpdate(center, center_momentum)
+        self.center_sum = CenterSum(center, center_momentum)
+        self.center_sums = [self.center_sum]  # every center this step moves (DINOv2: two)
         network = unwrap_parallel(student)
         self.student_params = list(network.parameters())
         self.teacher_params = list(teacher.parameters())
@@ -107,15 +139,17 @@ class DINOStep:
         n_micro = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
         terms_sum: dict[str, torch.Tensor] = {}
-        self._start_center_sums()
+        for center_sum in self.center_sums:
+            center_sum.reset()
         measured = {}
         for index, crops in enumerate(micro_batches):
             last = index == n_micro - 1
             with self._gradient_sync(last):
                 loss, terms, measured = self._loss(crops, None if masks is None else masks[index], values,
                                                    measure and last)
-                if last:
-                    self._start_center_updates()
+                if last:  # before the last backward: the all-reduces overlap with it
+                    for center_sum in self.center_sums:
+                        center_sum.start()
                 scaled_loss = loss / n_micro if n_micro > 1 else loss
                 if self.scaler is not None:
                     scaled_loss = self.scaler.scale(scaled_loss)
@@ -137,29 +171,14 @@ class DINOStep:
         else:
             self.optimizer.step()
         sharded_ema_update_(self.teacher_params, self.student_params, values.teacher_momentum, backend=self.ops_backend)
-        self._finish_center_updates()
+        for center_sum in self.center_sums:
+            center_sum.finish()
         mean = (lambda value: value / n_micro) if n_micro > 1 else (lambda value: value)
         return StepResult(mean(loss_sum), measured.get("teacher_entropy"), measured.get("kl_divergence"),
                           {name: mean(value) for name, value in terms_sum.items()},
                           measured.get("patch_teacher_entropy"))
 
-    # -- the loss of one micro-batch, and the centers it moves -----------------------------------
-
-    def _start_center_sums(self) -> None:
-        self._teacher_sum, self._teacher_rows = None, 0
-
-    def _start_center_updates(self) -> None:
-        """Before the last backward: the all-reduce then overlaps with it."""
-        if self._teacher_sum is not None:
-            self.center_update.start(self._teacher_sum, self._teacher_rows)
-
-    def _finish_center_updates(self) -> None:
-        if self._teacher_sum is not None:
-            self.center_update.finish()
-
-    def _add_to_center_sum(self, teacher_sum: torch.Tensor, rows: int) -> None:
-        self._teacher_sum = teacher_sum if self._teacher_sum is None else self._teacher_sum + teacher_sum
-        self._teacher_rows += rows
+    # -- the loss of one micro-batch -------------------------------------------------------------
 
     def _loss(self, crops, masks, values: ScheduledValues, measure: bool):
         """(loss, {term: value}, {measured quantity: value}) of one micro-batch."""
@@ -171,7 +190,7 @@ class DINOStep:
             student_logits, teacher_logits, self.center, n_global_crops=N_GLOBAL_CROPS,
             student_temp=self.student_temp, teacher_temp=values.teacher_temperature,
             backend=self.ops_backend, overwrite_student_logits=True, check_finite=False)
-        self._add_to_center_sum(teacher_sum, teacher_logits.shape[0])
+        self.center_sum.add(teacher_sum, teacher_logits.shape[0])
         measured = {}
         if measure:
             entropy = teacher_entropy(teacher_logits, self.center, values.teacher_temperature)
