@@ -460,7 +460,7 @@ class Trainer:
         self._raise_if_non_finite(window)
         values = self.schedules.at(step - 1)
         # DINOv2: each term of the last step, and the patch targets' entropy
-        extra = dict(result.terms)
+        extra = {f"{name}_loss": value for name, value in result.terms.items()}
         if result.patch_teacher_entropy is not None:
             extra["patch_teacher_entropy"] = result.patch_teacher_entropy
         statistics = torch.stack([window.loss_sum / window.steps, result.teacher_entropy.float(),
@@ -478,8 +478,7 @@ class Trainer:
             "data_wait_fraction": window.data_wait / elapsed,
             "peak_memory_gib": _peak_memory_gib(self.device),
         }
-        metrics.update({f"{name}_loss" if name in self.step_weights() else name: value
-                        for name, value in zip(extra, extra_values)})
+        metrics.update(zip(extra, extra_values))
         self._watch_collapse(metrics, step, "", self.collapse_monitor, entropy)
         if self.patch_collapse_monitor is not None and "patch_teacher_entropy" in metrics:
             self._watch_collapse(metrics, step, "patch_", self.patch_collapse_monitor,
@@ -487,9 +486,6 @@ class Trainer:
         progress.log(metrics)
         window.reset()
         return metrics
-
-    def step_weights(self) -> dict:
-        return getattr(self.step_fn, "weights", {})
 
     def _watch_collapse(self, metrics: dict, step: int, prefix: str, monitor: CollapseMonitor, entropy: float) -> None:
         """Add the collapse sign of one head to ``metrics``; say it when it starts, log it every time."""
